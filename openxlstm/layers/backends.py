@@ -1,0 +1,30 @@
+"""Run-time kernel choices, passed from the model down to the layers (never saved with a config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Backends:
+    """Which implementation each cell uses. "auto": Triton on CUDA, plain PyTorch elsewhere.
+
+    mlstm: "auto" | "chunkwise" | "parallel" | "recurrent" | "triton"
+    slstm: "auto" | "fused" | "recurrent" | "triton"
+    chunk_size: chunk length of the chunkwise mLSTM.
+    """
+
+    mlstm: str = "auto"
+    slstm: str = "auto"
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        from ..ops.mlstm import BACKENDS as M
+        from ..ops.slstm import BACKENDS as S
+
+        if self.mlstm not in M:
+            raise ValueError(f"unknown mLSTM backend {self.mlstm!r}; choose one of {M}")
+        if self.slstm not in S:
+            raise ValueError(f"unknown sLSTM backend {self.slstm!r}; choose one of {S}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")

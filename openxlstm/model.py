@@ -1,0 +1,150 @@
+"""The xLSTM language model: token embedding -> pre-LayerNorm residual blocks -> LayerNorm -> head.
+
+Every block is recurrent, so the model carries a fixed-size state: ``model(ids[:, :t], return_state=True)``
+followed by single-token calls that carry the state gives the logits of one pass over ``ids``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import xLSTMConfig
+from .layers import Backends, GatedFFN, LayerNorm, mLSTMLayer, mLSTMLayerState, sLSTMLayer, sLSTMLayerState
+from .layers.common import small_init_
+
+BlockState = Union[mLSTMLayerState, sLSTMLayerState]
+
+
+class xLSTMBlock(nn.Module):
+    """x <- x + layer(LayerNorm(x)); for sLSTM blocks also x <- x + FFN(LayerNorm(x))."""
+
+    def __init__(self, config: xLSTMConfig, block_idx: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.norm = LayerNorm(config.embedding_dim, eps=config.norm_eps)
+        if kind == "m":
+            self.layer = mLSTMLayer(config)
+            self.ffn_norm, self.ffn = None, None
+        else:
+            self.layer = sLSTMLayer(config, block_idx)
+            self.ffn_norm = LayerNorm(config.embedding_dim, eps=config.norm_eps)
+            self.ffn = GatedFFN(config)
+
+    def forward(self, x: torch.Tensor, state: Optional[BlockState], backends: Backends):
+        """x: (B, S, E) -> (x, new state)."""
+        y, state = self.layer(self.norm(x), state, backends)
+        x = x + y
+        if self.ffn is not None:
+            x = x + self.ffn(self.ffn_norm(x))
+        return x, state
+
+
+class xLSTMLM(nn.Module):
+    """xLSTM language model (spec §2). ``forward(input_ids, state=None, return_state=False)``.
+
+    Args:
+        config: the model's shape.
+        backends: run-time kernel choice (default "auto": Triton on CUDA, PyTorch elsewhere).
+    """
+
+    def __init__(self, config: xLSTMConfig, backends: Optional[Backends] = None):
+        super().__init__()
+        if not isinstance(config, xLSTMConfig):
+            raise TypeError(f"xLSTMLM needs an xLSTMConfig, got {type(config).__name__}")
+        self.config = config
+        self.backends = backends or Backends()
+        E = config.embedding_dim
+        self.embedding = nn.Embedding(config.vocab_size, E)
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(xLSTMBlock(config, j, kind) for j, kind in enumerate(config.block_types))
+        self.post_norm = LayerNorm(E, eps=config.norm_eps)
+        self.lm_head = nn.Linear(E, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.embedding.weight
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The reference initialization (spec §2.4), applied by the constructor."""
+        E = self.config.embedding_dim
+        small_init_(self.embedding.weight, E)
+        if not self.config.tie_weights:
+            small_init_(self.lm_head.weight, E)
+        for block in self.blocks:
+            block.norm.reset_parameters()
+            block.layer.reset_parameters()
+            if block.ffn is not None:
+                block.ffn_norm.reset_parameters()
+                block.ffn.reset_parameters()
+        self.post_norm.reset_parameters()
+
+    def set_backends(self, mlstm: str = "auto", slstm: str = "auto", chunk_size: int = 64) -> "xLSTMLM":
+        """Choose the kernels at run time (not saved with the model)."""
+        self.backends = Backends(mlstm=mlstm, slstm=slstm, chunk_size=chunk_size)
+        return self
+
+    def _check(self, input_ids: torch.Tensor, state) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise TypeError(f"xLSTMLM: input_ids must be an integer tensor (B, S), got {got}")
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"xLSTMLM: input_ids must have shape (B, S) with S >= 1, got {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"xLSTMLM: token ids must lie in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
+        if state is not None:
+            if len(state) != len(self.blocks):
+                raise ValueError(f"xLSTMLM: state must hold one entry per block ({len(self.blocks)}), got {len(state)}")
+            for j, (block, s) in enumerate(zip(self.blocks, state)):
+                want = mLSTMLayerState if block.kind == "m" else sLSTMLayerState
+                if not isinstance(s, want):
+                    raise TypeError(f"xLSTMLM: state[{j}] must be an {want.__name__}, got {type(s).__name__}")
+                lead = s.C if block.kind == "m" else s.h
+                if lead.shape[0] != input_ids.shape[0]:
+                    raise ValueError(f"xLSTMLM: state[{j}] has batch size {lead.shape[0]}, input_ids has {input_ids.shape[0]}")
+
+    def forward(self, input_ids: torch.Tensor, state: Optional[Sequence[BlockState]] = None, return_state: bool = False):
+        """input_ids: (B, S) token ids -> logits (B, S, V), or (logits, state) with ``return_state=True``.
+
+        ``state`` (from an earlier call) continues the sequence exactly; it is never modified.
+        """
+        self._check(input_ids, state)
+        x = self.emb_dropout(self.embedding(input_ids))  # (B, S, E)
+        new_state = []
+        for j, block in enumerate(self.blocks):
+            x, s = block(x, None if state is None else state[j], self.backends)
+            new_state.append(s)
+        logits = self.lm_head(self.post_norm(x))  # (B, S, V)
+        return (logits, tuple(new_state)) if return_state else logits
+
+    # optimizer ------------------------------------------------------------------------------------------
+    def weight_decay_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(decay, no_decay) as the reference splits them: decay on projection/gate/conv weight matrices;
+        none on norms, biases, the mLSTM skip, the sLSTM recurrent matrix, and (by default) the embedding."""
+        decay, no_decay, seen = [], [], set()
+        emb = self.embedding.weight
+        for name, p in self.named_parameters():
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            if p is emb:
+                (decay if self.config.weight_decay_on_embedding else no_decay).append(p)
+            elif p.dim() >= 2 and not name.endswith("layer.recurrent"):
+                decay.append(p)
+            else:
+                no_decay.append(p)
+        return decay, no_decay
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """Parameter groups for ``torch.optim.AdamW``."""
+        decay, no_decay = self.weight_decay_groups()
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def num_params(self) -> int:
+        """Number of distinct parameters (a tied head counts once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+__all__ = ["xLSTMLM", "xLSTMBlock", "BlockState"]

@@ -1,0 +1,85 @@
+"""The mLSTM in chunkwise form: linear in S, the training form, in plain PyTorch.
+
+The sequence is split into chunks of L tokens (the last one padded with tokens that neither write nor
+decay: input gate -1e30, log forget gate 0). Inside a chunk the outputs use the parallel form; across
+chunks the state (C, n, m) is carried with the recurrence, so the stabilizer of every row equals the
+recurrent m_t exactly and all three forms agree to rounding. Cumulative log forget gates are summed
+within chunks only. See ``common.py`` for the conventions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import M_FLOOR, mLSTMState
+
+_PAD_I = -1e30  # input-gate value of padding tokens: exp(_PAD_I - m) == 0 in any float dtype we compute in
+
+
+def mlstm_chunkwise(
+    q, k, v, i, f, state: mLSTMState, chunk_size: int = 64, eps: float = 1e-6
+) -> tuple[torch.Tensor, mLSTMState]:
+    """q, k: (B, NH, S, d_qk); v: (B, NH, S, d_v); i, f: (B, NH, S). Returns h (state dtype), final state."""
+    C0, n0, m0 = state
+    dt = C0.dtype
+    q, k, v, i, f = (t.to(dt) for t in (q, k, v, i, f))
+    B, NH, S, dqk = q.shape
+    dv = v.shape[-1]
+    L = max(1, min(chunk_size, S))
+    NC = -(-S // L)
+    pad = NC * L - S
+    logf = F.logsigmoid(f)
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        logf = F.pad(logf, (0, pad), value=0.0)
+        i = F.pad(i, (0, pad), value=_PAD_I)
+    q = q.view(B, NH, NC, L, dqk) * (dqk**-0.5)
+    k = k.view(B, NH, NC, L, dqk)
+    v = v.view(B, NH, NC, L, dv)
+    i = i.view(B, NH, NC, L)
+    b = torch.cumsum(logf.view(B, NH, NC, L), dim=-1)  # (B, NH, NC, L) log decay from chunk start to t
+    g = b[..., -1]  # (B, NH, NC) log decay of the whole chunk
+
+    # Chunk-level state updates: contribution of each chunk's keys/values, stabilized by its own max.
+    u = g[..., None] - b + i  # (B, NH, NC, L) log weight of token s in the state at chunk end
+    mu = u.detach().max(dim=-1).values  # (B, NH, NC)
+    w = torch.exp(u - mu[..., None])  # (B, NH, NC, L)
+    kv = (k * w[..., None]).transpose(-1, -2) @ v  # (B, NH, NC, d_qk, d_v)
+    ksum = (k * w[..., None]).sum(-2)  # (B, NH, NC, d_qk)
+
+    # Sequential recurrence over chunks: the state at the start of every chunk, and the final state.
+    Cs, ns, ms = [], [], []
+    C, n, m = C0, n0, m0.detach()
+    g_det = g.detach()
+    for c in range(NC):
+        Cs.append(C)
+        ns.append(n)
+        ms.append(m)
+        m_next = torch.maximum(g_det[..., c] + m, mu[..., c])
+        decay = torch.exp(g[..., c] + m - m_next)
+        scale = torch.exp(mu[..., c] - m_next)
+        C = decay[..., None, None] * C + scale[..., None, None] * kv[:, :, c]
+        n = decay[..., None] * n + scale[..., None] * ksum[:, :, c]
+        m = m_next
+    C_start = torch.stack(Cs, dim=2)  # (B, NH, NC, d_qk, d_v)
+    n_start = torch.stack(ns, dim=2)  # (B, NH, NC, d_qk)
+    m_start = torch.stack(ms, dim=2)  # (B, NH, NC)
+
+    # Outputs: intra-chunk parallel form plus the carried state, on a common per-row stabilizer.
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    log_d = torch.where(causal, b[..., :, None] - b[..., None, :] + i[..., None, :], float("-inf"))
+    log_init = b + m_start[..., None]  # (B, NH, NC, L)
+    m_row = torch.maximum(log_init.detach(), log_d.detach().max(dim=-1).values)
+    m_hat = m_row.clamp(min=M_FLOOR)
+    d = torch.exp(log_d - m_hat[..., None])  # (B, NH, NC, L, L)
+    w_init = torch.exp(log_init - m_hat)  # (B, NH, NC, L)
+    scores = (q @ k.transpose(-1, -2)) * d
+    num = scores @ v + w_init[..., None] * (q @ C_start)  # (B, NH, NC, L, d_v)
+    qn = scores.sum(-1) + w_init * (q @ n_start[..., None]).squeeze(-1)  # (B, NH, NC, L)
+    den = torch.maximum(qn.abs(), torch.exp(-m_hat)) + eps
+    h = (num / den[..., None]).reshape(B, NH, NC * L, dv)[:, :, :S]
+    return h, mLSTMState(C, n, m)
+
+
+__all__ = ["mlstm_chunkwise"]

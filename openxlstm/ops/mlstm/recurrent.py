@@ -1,0 +1,57 @@
+"""The mLSTM as a recurrence: one token at a time. The readable specification, and the decode step.
+
+Cost O(d_qk * d_v) per token and head; the state is the whole memory. See ``common.py`` for conventions.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+from .common import M_FLOOR, mLSTMState
+
+
+def mlstm_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: mLSTMState,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, mLSTMState]:
+    """One recurrent step for a batch of single tokens.
+
+    q, k: (B, NH, d_qk); v: (B, NH, d_v); i, f: (B, NH); state in the state dtype.
+    Returns h (B, NH, d_v) in the state dtype and the new state (fresh tensors).
+    """
+    C, n, m = state
+    dt = C.dtype
+    q, k, v, i, f = (t.to(dt) for t in (q, k, v, i, f))
+    logf = F.logsigmoid(f)  # (B, NH)
+    m_new = torch.maximum(logf.detach() + m.detach(), i.detach())  # (B, NH), no gradient through m
+    f_act = torch.exp(logf + m.detach() - m_new)  # (B, NH), <= 1
+    i_act = torch.exp(i - m_new)  # (B, NH), <= 1
+    C_new = f_act[..., None, None] * C + i_act[..., None, None] * (k[..., :, None] * v[..., None, :])
+    n_new = f_act[..., None] * n + i_act[..., None] * k
+    m_hat = m_new.clamp(min=M_FLOOR)
+    scale = torch.exp(m_new - m_hat)  # (B, NH), <= 1
+    q_s = q * (q.shape[-1] ** -0.5)
+    num = torch.einsum("bhd,bhde->bhe", q_s, C_new) * scale[..., None]  # (B, NH, d_v)
+    qn = (q_s * n_new).sum(-1) * scale  # (B, NH)
+    den = torch.maximum(qn.abs(), torch.exp(-m_hat)) + eps
+    return num / den[..., None], mLSTMState(C_new, n_new, m_new)
+
+
+def mlstm_recurrent(q, k, v, i, f, state: mLSTMState, eps: float = 1e-6) -> tuple[torch.Tensor, mLSTMState]:
+    """Run ``mlstm_step`` over the sequence. Shapes as in ``openxlstm.ops.mlstm``; h in the state dtype."""
+    S = q.shape[2]
+    hs = []
+    for t in range(S):
+        h, state = mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], state, eps)
+        hs.append(h)
+    return torch.stack(hs, dim=2), state
+
+
+__all__ = ["mlstm_step", "mlstm_recurrent"]

@@ -1,0 +1,70 @@
+"""sLSTM: scalar memory with exponential gating and block-diagonal recurrent memory mixing.
+
+``recurrent.py`` is the specification (autograd through a plain loop); ``fused.py`` the same maths with a
+hand-written backward (the CPU path); a Triton kernel for CUDA lives beside them. See ``common.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..mlstm.common import state_dtype
+from .common import FORGET_GATES, check_inputs, initial_state, sLSTMState
+from .fused import slstm_fused
+from .recurrent import slstm_recurrent
+
+BACKENDS = ("auto", "recurrent", "fused", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``"auto"`` to the fastest backend on ``device``: Triton on CUDA, else the fused PyTorch path."""
+    if backend not in BACKENDS:
+        raise ValueError(f"slstm: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        from ..mlstm import triton_available
+
+        return "triton" if triton_available(device) else "fused"
+    return backend
+
+
+def slstm(
+    x: torch.Tensor,
+    R: torch.Tensor,
+    b: torch.Tensor,
+    state: Optional[tuple] = None,
+    *,
+    forget_gate: str = "sigmoid",
+    backend: str = "auto",
+    return_state: bool = False,
+):
+    """The sLSTM cell over a sequence.
+
+    Args:
+        x: (B, S, 4*E) gate pre-activations from the input, gate-major [i | f | z | o], heads contiguous.
+        R: (NH, d, 4, d) block-diagonal recurrent weights, E = NH * d.
+        b: (4*E,) gate biases in the order of x.
+        state: optional (h, c, n, m), each (B, E).
+        forget_gate: "sigmoid" (default) or "exp" (exponential forget gate).
+        backend: "auto", "recurrent", "fused" or "triton" (CUDA).
+        return_state: also return the final state.
+
+    Returns h (B, S, E) in the dtype of x, or (h, sLSTMState) with float32 states (float64 for float64 x).
+    """
+    B, S, E, NH, d = check_inputs(x, R, b, state, forget_gate)
+    name = resolve_backend(backend, x.device)
+    sdt = state_dtype(x.dtype)
+    st = initial_state(state, B, E, sdt, x.device)
+    if name == "triton":
+        from .triton import slstm_triton
+
+        h, final = slstm_triton(x, R, b, st, forget_gate)
+    else:
+        fn = slstm_recurrent if name == "recurrent" else slstm_fused
+        h, final = fn(x.to(sdt), R.to(sdt), b.to(sdt), st, forget_gate)
+    h = h.to(x.dtype)
+    return (h, sLSTMState(*final)) if return_state else h
+
+
+__all__ = ["BACKENDS", "FORGET_GATES", "sLSTMState", "slstm", "slstm_fused", "slstm_recurrent"]
