@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import xLSTMConfig
-from ..ops.mlstm import mlstm, mlstm_step, mLSTMState, state_dtype
-from ..ops.mlstm.common import initial_state
+from ..ops.mlstm import mlstm, mlstm_decode
 from .backends import Backends
 from .common import BlockDiagonalLinear, CausalConv, MultiHeadNorm, small_init_, wang_init_
 
@@ -83,11 +82,10 @@ class mLSTMLayer(nn.Module):
             return t.view(B, S, NH, DH).transpose(1, 2)
 
         cell_state = None if state is None else (state.C, state.n, state.m)
-        if S == 1 and backends.mlstm in ("auto", "recurrent"):
-            st = initial_state(cell_state, B, NH, DH, DH, state_dtype(q.dtype), q.device)
-            h, cell = mlstm_step(q.view(B, NH, DH), k.view(B, NH, DH), v.view(B, NH, DH),
-                                 i.view(B, NH), f.view(B, NH), st)
-            h = h.to(v.dtype)[:, None]  # (B, 1, NH, DH)
+        if S == 1 and backends.mlstm in ("auto", "recurrent", "triton"):  # decode: the fused step
+            h, cell = mlstm_decode(q.view(B, NH, DH), k.view(B, NH, DH), v.view(B, NH, DH),
+                                   i.view(B, NH), f.view(B, NH), cell_state, backend=backends.mlstm)
+            h = h[:, None]  # (B, 1, NH, DH)
         else:
             h, cell = mlstm(heads(q), heads(k), heads(v), i.transpose(1, 2), f.transpose(1, 2), cell_state,
                             backend=backends.mlstm, chunk_size=backends.chunk_size, return_state=True)

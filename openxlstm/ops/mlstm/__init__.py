@@ -88,7 +88,38 @@ def mlstm(
     return (h, mLSTMState(*final)) if return_state else h
 
 
+def mlstm_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    *,
+    backend: str = "auto",
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, mLSTMState]:
+    """One generation step for a batch of single tokens: q, k (B, NH, d_qk), v (B, NH, d_v), i, f (B, NH).
+
+    Returns h (B, NH, d_v) in the dtype of v and the new state. "auto" uses the fused Triton step on CUDA.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"mlstm_decode: q must have shape (B, NH, d_qk), got {tuple(q.shape)}")
+    B, NH, dqk = q.shape
+    check_inputs(q[:, :, None], k[:, :, None], v[:, :, None], i[:, :, None], f[:, :, None], state)
+    name = resolve_backend(backend, q.device)
+    if name == "triton":
+        from .triton_step import mlstm_step_triton
+
+        h, new = mlstm_step_triton(q, k, v, i, f, state, eps=eps)
+    else:
+        st = initial_state(state, B, NH, dqk, v.shape[-1], state_dtype(q.dtype), q.device)
+        h, new = mlstm_step(q, k, v, i, f, st, eps=eps)
+    return h.to(v.dtype), mLSTMState(*new)
+
+
 __all__ = [
+    "mlstm_decode",
     "BACKENDS",
     "M_FLOOR",
     "mLSTMState",
