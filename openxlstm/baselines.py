@@ -1,0 +1,397 @@
+"""Baselines for honest comparisons: a classic multi-layer LSTM LM and a Llama-style Transformer LM.
+
+Both have the interface of ``xLSTMLM``: ``forward(input_ids, state=None, return_state=False)`` -> logits
+(B, S, V) or (logits, state); ``optim_groups(weight_decay)``; ``num_params()``; a ``config`` dataclass with
+``to_dict``/``from_dict``. ``sized_lstm_config`` / ``sized_transformer_config`` pick the width that gives a
+target parameter count, so a baseline can be built "of equal size" to an xLSTM.
+
+State: the LSTM carries ``LSTMState(h, c)``, each (num_layers, B, H); the Transformer carries a KV cache,
+a tuple with one ``KVCache(k, v)`` per layer, each (B, NH, T, head_dim) for T tokens seen so far.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _check_positive_ints(obj, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{type(obj).__name__}: {name} must be a positive integer, got {value!r}")
+
+
+class _ConfigIO:
+    """to_dict / from_dict shared by the baseline configs (unknown fields are an error)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
+def _check_ids(name: str, input_ids: torch.Tensor, vocab_size: int) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise TypeError(f"{name}: input_ids must be an integer tensor (B, S), got {got}")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"{name}: input_ids must have shape (B, S) with S >= 1, got {tuple(input_ids.shape)}")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}), got range [{lo}, {hi}]")
+
+
+def _decay_groups(model: nn.Module, weight_decay: float, embedding: nn.Parameter) -> list[dict]:
+    """AdamW groups: decay on weight matrices, none on the embedding, norms and biases (as xLSTMLM)."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and p is not embedding else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LSTM
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class LSTMConfig(_ConfigIO):
+    """Embedding (E) -> ``num_layers`` stacked nn.LSTM layers (hidden H) -> Linear head (H -> V).
+
+    ``hidden_dim`` defaults to ``embedding_dim``; ``tie_weights`` needs H == E.
+    """
+
+    vocab_size: int = 256
+    embedding_dim: int = 256
+    hidden_dim: Optional[int] = None
+    num_layers: int = 2
+    dropout: float = 0.0
+    tie_weights: bool = False
+    context_length: int = 2048  # the training context; informational
+
+    def __post_init__(self):
+        if self.hidden_dim is None:
+            self.hidden_dim = self.embedding_dim
+        _check_positive_ints(self, ("vocab_size", "embedding_dim", "hidden_dim", "num_layers", "context_length"))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LSTMConfig: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.tie_weights and self.hidden_dim != self.embedding_dim:
+            raise ValueError("LSTMConfig: tie_weights needs hidden_dim == embedding_dim")
+
+    def num_params(self) -> int:
+        """Parameter count without building the model."""
+        V, E, H, L = self.vocab_size, self.embedding_dim, self.hidden_dim, self.num_layers
+        lstm = sum(4 * H * ((E if j == 0 else H) + H) + 8 * H for j in range(L))
+        return V * E + lstm + (0 if self.tie_weights else H * V)
+
+
+class LSTMState(NamedTuple):
+    """h, c: (num_layers, B, H), as nn.LSTM returns them."""
+
+    h: torch.Tensor
+    c: torch.Tensor
+
+
+class LSTMLM(nn.Module):
+    """A classic multi-layer LSTM language model (sigmoid gates, scalar memory, no exponential gating)."""
+
+    def __init__(self, config: LSTMConfig):
+        super().__init__()
+        if not isinstance(config, LSTMConfig):
+            raise TypeError(f"LSTMLM needs an LSTMConfig, got {type(config).__name__}")
+        self.config = config
+        E, H = config.embedding_dim, config.hidden_dim
+        self.embedding = nn.Embedding(config.vocab_size, E)
+        self.dropout = nn.Dropout(config.dropout)
+        self.lstm = nn.LSTM(E, H, num_layers=config.num_layers, batch_first=True,
+                            dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.lm_head = nn.Linear(H, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.embedding.weight
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Embedding/head N(0, 1/sqrt(E)) scaled; LSTM uniform(+-1/sqrt(H)) with forget-gate bias 1."""
+        E, H = self.config.embedding_dim, self.config.hidden_dim
+        nn.init.normal_(self.embedding.weight, std=math.sqrt(2.0 / (5.0 * E)))
+        if not self.config.tie_weights:
+            nn.init.normal_(self.lm_head.weight, std=math.sqrt(2.0 / (5.0 * H)))
+        bound = 1.0 / math.sqrt(H)
+        for name, p in self.lstm.named_parameters():
+            nn.init.uniform_(p, -bound, bound)
+            if name.startswith("bias_ih"):
+                with torch.no_grad():
+                    p[H:2 * H].fill_(1.0)  # gate order i, f, g, o: a forget bias of 1 (Jozefowicz et al. 2015)
+            elif name.startswith("bias_hh"):
+                nn.init.zeros_(p)
+
+    def forward(self, input_ids: torch.Tensor, state: Optional[LSTMState] = None, return_state: bool = False):
+        """input_ids: (B, S) -> logits (B, S, V), or (logits, LSTMState) with ``return_state=True``."""
+        _check_ids("LSTMLM", input_ids, self.config.vocab_size)
+        if state is not None:
+            if not isinstance(state, tuple) or len(state) != 2:
+                raise TypeError("LSTMLM: state must be an LSTMState(h, c)")
+            if state[0].shape[1] != input_ids.shape[0]:
+                raise ValueError(f"LSTMLM: state has batch size {state[0].shape[1]}, input_ids has {input_ids.shape[0]}")
+            state = (state[0], state[1])
+        x = self.dropout(self.embedding(input_ids))  # (B, S, E)
+        y, (h, c) = self.lstm(x, state)  # (B, S, H); h, c: (L, B, H)
+        logits = self.lm_head(self.dropout(y))  # (B, S, V)
+        return (logits, LSTMState(h, c)) if return_state else logits
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """Parameter groups for ``torch.optim.AdamW`` (decay on matrices, not on embedding or biases)."""
+        return _decay_groups(self, weight_decay, self.embedding.weight)
+
+    def num_params(self) -> int:
+        return _num_params(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transformer (Llama-style)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class TransformerConfig(_ConfigIO):
+    """Llama-style decoder: RMSNorm pre-norm blocks, RoPE, SDPA causal attention, SwiGLU FFN, final RMSNorm.
+
+    ``ffn_dim`` defaults to 8/3 E rounded up to 64 (SwiGLU's usual width). ``context_length`` is the
+    training context (informational: RoPE runs at any length).
+    """
+
+    vocab_size: int = 256
+    embedding_dim: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    ffn_dim: Optional[int] = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_weights: bool = False
+    context_length: int = 2048
+
+    def __post_init__(self):
+        if self.ffn_dim is None:
+            self.ffn_dim = int(math.ceil(8 * self.embedding_dim / 3 / 64) * 64)
+        _check_positive_ints(self, ("vocab_size", "embedding_dim", "num_layers", "num_heads", "ffn_dim", "context_length"))
+        if self.embedding_dim % self.num_heads or (self.embedding_dim // self.num_heads) % 2:
+            raise ValueError(f"TransformerConfig: embedding_dim={self.embedding_dim} must split into num_heads="
+                             f"{self.num_heads} heads of even size (RoPE rotates pairs)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TransformerConfig: dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embedding_dim // self.num_heads
+
+    def num_params(self) -> int:
+        """Parameter count without building the model."""
+        V, E, F_, L = self.vocab_size, self.embedding_dim, self.ffn_dim, self.num_layers
+        block = 4 * E * E + 3 * E * F_ + 2 * E
+        return V * E + L * block + E + (0 if self.tie_weights else E * V)
+
+
+class KVCache(NamedTuple):
+    """k, v: (B, NH, T, head_dim) for the T tokens seen so far."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (S,) -> cos, sin: (S, head_dim // 2), in float32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, NH, S, D): rotate the pairs (x[..., :D/2], x[..., D/2:]) (the "rotate half" layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    y = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return y.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        E = config.embedding_dim
+        self.num_heads, self.head_dim, self.rope_base = config.num_heads, config.head_dim, config.rope_base
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(E, 3 * E, bias=False)
+        self.proj = nn.Linear(E, E, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache]):
+        """x: (B, S, E), cache of T earlier tokens -> (y (B, S, E), KVCache of T + S tokens)."""
+        B, S, E = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, NH, S, D) each
+        T = 0 if cache is None else cache.k.shape[2]
+        cos, sin = rope_cos_sin(torch.arange(T, T + S, device=x.device), self.head_dim, self.rope_base)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)  # (B, NH, T + S, D)
+        drop = self.dropout if self.training else 0.0
+        if T == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        else:  # query i (absolute position T + i) sees keys 0 .. T + i
+            mask = torch.ones(S, T + S, dtype=torch.bool, device=x.device).tril(diagonal=T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        y = y.transpose(1, 2).reshape(B, S, E)  # (B, S, E)
+        return self.proj(y), KVCache(k, v)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.embedding_dim, 2 * config.ffn_dim, bias=False)
+        self.down = nn.Linear(config.ffn_dim, config.embedding_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, S, F) each
+        return self.down(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.embedding_dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.embedding_dim, config.norm_eps)
+        self.ffn = SwiGLU(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache]):
+        y, cache = self.attn(self.attn_norm(x), cache)
+        x = x + self.dropout(y)
+        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return x, cache
+
+
+class TransformerLM(nn.Module):
+    """Llama-style Transformer LM. The state is a KV cache (one ``KVCache`` per layer)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"TransformerLM needs a TransformerConfig, got {type(config).__name__}")
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.embedding_dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.embedding_dim, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.embedding.weight
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """GPT-2/Llama recipe: N(0, 0.02), residual output projections scaled by 1/sqrt(2 L), norms 1."""
+        std = 0.02
+        nn.init.normal_(self.embedding.weight, std=std)
+        if not self.config.tie_weights:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=std)
+            nn.init.normal_(block.ffn.gate_up.weight, std=std)
+            for out in (block.attn.proj, block.ffn.down):
+                nn.init.normal_(out.weight, std=std / math.sqrt(2 * self.config.num_layers))
+            nn.init.ones_(block.attn_norm.weight)
+            nn.init.ones_(block.ffn_norm.weight)
+        nn.init.ones_(self.norm.weight)
+
+    def forward(self, input_ids: torch.Tensor, state: Optional[Sequence[KVCache]] = None, return_state: bool = False):
+        """input_ids: (B, S) -> logits (B, S, V), or (logits, tuple of KVCache) with ``return_state=True``.
+
+        ``state`` (the caches of an earlier call) continues the sequence; it is never modified.
+        """
+        _check_ids("TransformerLM", input_ids, self.config.vocab_size)
+        if state is not None:
+            if len(state) != len(self.blocks):
+                raise ValueError(f"TransformerLM: state must hold one KVCache per layer ({len(self.blocks)}), got {len(state)}")
+            if state[0].k.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"TransformerLM: state has batch size {state[0].k.shape[0]}, input_ids has {input_ids.shape[0]}")
+        x = self.emb_dropout(self.embedding(input_ids))  # (B, S, E)
+        caches = []
+        for j, block in enumerate(self.blocks):
+            x, cache = block(x, None if state is None else state[j])
+            caches.append(cache)
+        logits = self.lm_head(self.norm(x))  # (B, S, V)
+        return (logits, tuple(caches)) if return_state else logits
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """Parameter groups for ``torch.optim.AdamW`` (decay on matrices, not on embedding or norms)."""
+        return _decay_groups(self, weight_decay, self.embedding.weight)
+
+    def num_params(self) -> int:
+        return _num_params(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Equal-size helpers
+# ---------------------------------------------------------------------------------------------------------
+def _closest_width(count, target: int, multiple: int, lo: int = 1, hi: int = 1 << 16) -> int:
+    """The multiple of ``multiple`` in [lo*multiple, hi*multiple] whose ``count(width)`` is closest to target
+    (count is increasing in width)."""
+    a, b = lo, hi
+    while a < b:  # smallest k with count(k * multiple) >= target
+        mid = (a + b) // 2
+        if count(mid * multiple) >= target:
+            b = mid
+        else:
+            a = mid + 1
+    candidates = [k for k in (a - 1, a) if k >= lo]
+    return multiple * min(candidates, key=lambda k: abs(count(k * multiple) - target))
+
+
+def sized_lstm_config(target_params: int, vocab_size: int, num_layers: int = 2, multiple: int = 8, **kw) -> LSTMConfig:
+    """An LSTMConfig with E = H (a multiple of ``multiple``) whose parameter count is closest to target."""
+    def count(w: int) -> int:
+        return LSTMConfig(vocab_size=vocab_size, embedding_dim=w, num_layers=num_layers, **kw).num_params()
+
+    width = _closest_width(count, target_params, multiple)
+    return LSTMConfig(vocab_size=vocab_size, embedding_dim=width, num_layers=num_layers, **kw)
+
+
+def sized_transformer_config(target_params: int, vocab_size: int, num_layers: int = 4, head_dim: int = 32,
+                             **kw) -> TransformerConfig:
+    """A TransformerConfig with heads of ``head_dim`` whose parameter count is closest to target.
+
+    The width E is a multiple of ``head_dim`` (num_heads = E / head_dim); ``ffn_dim`` follows E.
+    """
+    def make(w: int) -> TransformerConfig:
+        return TransformerConfig(vocab_size=vocab_size, embedding_dim=w, num_layers=num_layers,
+                                 num_heads=w // head_dim, **kw)
+
+    width = _closest_width(lambda w: make(w).num_params(), target_params, head_dim)
+    return make(width)
+
+
+__all__ = ["LSTMConfig", "LSTMLM", "LSTMState", "TransformerConfig", "TransformerLM", "KVCache", "RMSNorm",
+           "sized_lstm_config", "sized_transformer_config"]
