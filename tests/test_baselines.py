@@ -69,7 +69,7 @@ def test_trains_one_step():
 
 
 def test_sized_configs_match_target():
-    for target in (300_000, 3_000_000):
+    for target in (1_000_000, 3_000_000):
         lstm = sized_lstm_config(target, vocab_size=256, num_layers=2)
         tr = sized_transformer_config(target, vocab_size=256, num_layers=4, head_dim=32)
         assert abs(LSTMLM(lstm).num_params() - target) / target < 0.1
