@@ -1,0 +1,71 @@
+"""Small helpers shared by the Triton kernels of openxlstm (mLSTM chunkwise, mLSTM step, sLSTM).
+
+* ``INTERPRET``: True when the kernels run under the Triton CPU interpreter (``TRITON_INTERPRET=1``).
+  The interpreter multiplies bfloat16 matrices as raw uint16 words (wrong results), so under it every
+  ``tl.dot`` runs on float32 operands; on a GPU half-precision inputs use tensor-core half dots.
+* ``dot_config(dtype)``: the two compile-time switches every kernel takes, ``HALF_DOT`` (multiply
+  input-dtype operands in their own half dtype) and ``PREC`` (the precision of float32 dots: exact
+  "ieee" for float32 inputs, so float32 results match a float32 reference; "tf32" for half inputs).
+* ``mm``: a ``tl.dot`` honouring those switches; the accumulator is always float32.
+* ``logsigmoid``: log(sigmoid(x)) without overflow, in float32.
+* ``empty``: ``torch.empty`` for kernel outputs; the tests set ``FILL_NAN = True`` so that every element a
+  kernel forgets to write shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FILL_NAN = False
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def dot_config(dtype: torch.dtype) -> dict:
+    """Compile-time dot switches for inputs of ``dtype``: HALF_DOT, DOT_DT (tl dtype), PREC."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    return {
+        "HALF_DOT": half and not INTERPRET,
+        "DOT_DT": _TL_DTYPES.get(dtype, tl.float32),
+        "PREC": "tf32" if half else "ieee",
+    }
+
+
+def empty(*shape, device, dtype) -> torch.Tensor:
+    """An uninitialised buffer for a kernel to fill (NaN-filled when FILL_NAN is set, for tests)."""
+    if FILL_NAN:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
+def pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
+    """The next power of two >= n, clamped to [lo, hi]."""
+    p = max(lo, triton.next_power_of_2(max(1, n)))
+    return min(p, hi) if hi is not None else p
+
+
+@triton.jit
+def mm(a, b, HALF_DOT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b with a float32 result: half operands (tensor cores) when HALF_DOT, else float32 at PREC."""
+    if HALF_DOT:
+        return tl.dot(a.to(DOT_DT), b.to(DOT_DT))
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def mm32(a, b, PREC: tl.constexpr):
+    """a @ b on float32 operands at precision PREC (for products with float32 states)."""
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def logsigmoid(x):
+    """log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|)), finite for every finite x."""
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
