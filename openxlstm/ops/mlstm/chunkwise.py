@@ -41,29 +41,28 @@ def mlstm_chunkwise(
     b = torch.cumsum(logf.view(B, NH, NC, L), dim=-1)  # (B, NH, NC, L) log decay from chunk start to t
     g = b[..., -1]  # (B, NH, NC) log decay of the whole chunk
 
+    # The normalizer n rides along with C as an extra value column: v1 = [v, 1], C1 = [C, n] (d_qk, d_v + 1),
+    # so every matmul below yields the numerator and q.n together.
+    v1 = torch.cat([v, v.new_ones(B, NH, NC, L, 1)], dim=-1)  # (B, NH, NC, L, d_v + 1)
+
     # Chunk-level state updates: contribution of each chunk's keys/values, stabilized by its own max.
     u = g[..., None] - b + i  # (B, NH, NC, L) log weight of token s in the state at chunk end
     mu = u.detach().max(dim=-1).values  # (B, NH, NC)
-    w = torch.exp(u - mu[..., None])  # (B, NH, NC, L)
-    kv = (k * w[..., None]).transpose(-1, -2) @ v  # (B, NH, NC, d_qk, d_v)
-    ksum = (k * w[..., None]).sum(-2)  # (B, NH, NC, d_qk)
+    kv1 = (k * torch.exp(u - mu[..., None])[..., None]).transpose(-1, -2) @ v1  # (B, NH, NC, d_qk, d_v + 1)
 
     # Sequential recurrence over chunks: the state at the start of every chunk, and the final state.
-    Cs, ns, ms = [], [], []
-    C, n, m = C0, n0, m0.detach()
+    starts, ms = [], []
+    C1, m = torch.cat([C0, n0[..., None]], dim=-1), m0.detach()  # (B, NH, d_qk, d_v + 1), (B, NH)
     g_det = g.detach()
     for c in range(NC):
-        Cs.append(C)
-        ns.append(n)
+        starts.append(C1)
         ms.append(m)
         m_next = torch.maximum(g_det[..., c] + m, mu[..., c])
         decay = torch.exp(g[..., c] + m - m_next)
         scale = torch.exp(mu[..., c] - m_next)
-        C = decay[..., None, None] * C + scale[..., None, None] * kv[:, :, c]
-        n = decay[..., None] * n + scale[..., None] * ksum[:, :, c]
+        C1 = decay[..., None, None] * C1 + scale[..., None, None] * kv1[:, :, c]
         m = m_next
-    C_start = torch.stack(Cs, dim=2)  # (B, NH, NC, d_qk, d_v)
-    n_start = torch.stack(ns, dim=2)  # (B, NH, NC, d_qk)
+    C1_start = torch.stack(starts, dim=2)  # (B, NH, NC, d_qk, d_v + 1)
     m_start = torch.stack(ms, dim=2)  # (B, NH, NC)
 
     # Outputs: intra-chunk parallel form plus the carried state, on a common per-row stabilizer.
@@ -72,13 +71,12 @@ def mlstm_chunkwise(
     log_init = b + m_start[..., None]  # (B, NH, NC, L)
     m_row = torch.maximum(log_init.detach(), log_d.detach().max(dim=-1).values)
     m_hat = m_row.clamp(min=M_FLOOR)
-    d = torch.exp(log_d - m_hat[..., None])  # (B, NH, NC, L, L)
-    w_init = torch.exp(log_init - m_hat)  # (B, NH, NC, L)
-    scores = (q @ k.transpose(-1, -2)) * d
-    num = scores @ v + w_init[..., None] * (q @ C_start)  # (B, NH, NC, L, d_v)
-    qn = scores.sum(-1) + w_init * (q @ n_start[..., None]).squeeze(-1)  # (B, NH, NC, L)
+    scores = (q @ k.transpose(-1, -2)) * torch.exp(log_d - m_hat[..., None])  # (B, NH, NC, L, L)
+    out = scores @ v1 + (q * torch.exp(log_init - m_hat)[..., None]) @ C1_start  # (B, NH, NC, L, d_v + 1)
+    num, qn = out[..., :dv], out[..., dv]
     den = torch.maximum(qn.abs(), torch.exp(-m_hat)) + eps
     h = (num / den[..., None]).reshape(B, NH, NC * L, dv)[:, :, :S]
+    C, n = C1[..., :dv], C1[..., dv]
     return h, mLSTMState(C, n, m)
 
 
