@@ -1,0 +1,61 @@
+"""The architecture registry: "xlstm", "lstm" and "transformer" map to their config and model classes.
+
+The training loop, checkpoints and generation only see ``build_model(arch, config_dict)``; they never need
+to know which architecture they handle.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+from torch import nn
+
+from .baselines import LSTMConfig, LSTMLM, TransformerConfig, TransformerLM
+from .config import xLSTMConfig
+from .errors import UserError
+from .model import xLSTMLM
+
+ARCHS = {
+    "xlstm": (xLSTMConfig, xLSTMLM),
+    "lstm": (LSTMConfig, LSTMLM),
+    "transformer": (TransformerConfig, TransformerLM),
+}
+
+
+def config_from_dict(arch: str, config: Union[dict, object]):
+    """The config object of ``arch`` from a dict (or pass a config object through, checking its type)."""
+    if arch not in ARCHS:
+        raise UserError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    config_cls = ARCHS[arch][0]
+    if isinstance(config, config_cls):
+        return config
+    if not isinstance(config, dict):
+        raise UserError(f"the {arch} config must be a JSON object of {config_cls.__name__} fields")
+    try:
+        return config_cls.from_dict(dict(config))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"invalid {arch} config: {e}") from None
+
+
+def build_model(arch: str, config: Union[dict, object]) -> nn.Module:
+    """A freshly initialized model of ``arch`` ("xlstm", "lstm", "transformer") from its config (dict or object)."""
+    config = config_from_dict(arch, config)
+    return ARCHS[arch][1](config)
+
+
+def arch_of(model: nn.Module) -> str:
+    """The registry name of a model instance."""
+    for name, (_, model_cls) in ARCHS.items():
+        if isinstance(model, model_cls):
+            return name
+    raise TypeError(f"{type(model).__name__} is not a registered architecture")
+
+
+def model_from_checkpoint(path, device="cpu"):
+    """(model, tokenizer, info) from a checkpoint directory (or a run directory with a ``latest`` pointer)."""
+    from .train.checkpoint import load_model
+
+    return load_model(path, device=device)
+
+
+__all__ = ["ARCHS", "build_model", "config_from_dict", "arch_of", "model_from_checkpoint"]
