@@ -119,6 +119,16 @@ class xLSTMLM(nn.Module):
         logits = self.lm_head(self.post_norm(x))  # (B, S, V)
         return (logits, tuple(new_state)) if return_state else logits
 
+    def generate(self, prompt, tokenizer=None, **kwargs):
+        """Continue ``prompt``: prefill in one pass, then decode token by token with the recurrent state.
+
+        See ``openxlstm.generation.generate`` for the arguments (max_new_tokens, temperature, top_k, top_p,
+        seed, stop, on_text).
+        """
+        from .generation import generate
+
+        return generate(self, prompt, tokenizer, **kwargs)
+
     # optimizer ------------------------------------------------------------------------------------------
     def weight_decay_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(decay, no_decay) as the reference splits them: decay on projection/gate/conv weight matrices;
