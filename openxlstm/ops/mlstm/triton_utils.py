@@ -7,7 +7,7 @@
   input-dtype operands in their own half dtype) and ``PREC`` (the precision of float32 dots: exact
   "ieee" for float32 inputs, so float32 results match a float32 reference; "tf32" for half inputs).
 * ``mm``: a ``tl.dot`` honouring those switches; the accumulator is always float32.
-* ``logsigmoid``: log(sigmoid(x)) without overflow, in float32.
+* ``logsigmoid``, ``sigmoid``, ``tanh``: overflow-free float32 activations.
 * ``empty``: ``torch.empty`` for kernel outputs; the tests set ``FILL_NAN = True`` so that every element a
   kernel forgets to write shows up as NaN.
 """
@@ -69,3 +69,18 @@ def mm32(a, b, PREC: tl.constexpr):
 def logsigmoid(x):
     """log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|)), finite for every finite x."""
     return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def tanh(x):
+    """tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) <= 1: no overflow for any x."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def sigmoid(x):
+    """1 / (1 + exp(-x)) evaluated with e = exp(-|x|) <= 1: no overflow for any x."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))

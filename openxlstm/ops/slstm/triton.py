@@ -1,0 +1,262 @@
+"""The sLSTM as fused Triton kernels: the whole time loop in one launch, forward and backward, for CUDA.
+
+Same maths as ``recurrent.py`` / ``fused.py`` (see ``common.py`` for layouts): per head of width d,
+[i, f, z, o]_t = x_t + R h_{t-1} + b; m_t = max(log f_t + m_{t-1}, i_t), or m_t = i_t where n_{t-1} == 0
+(per element); c_t = f' c_{t-1} + i' tanh(z_t), n_t = f' n_{t-1} + i', h_t = sigmoid(o_t) c_t / n_t;
+no gradient through m. Gate maths and states are float32 whatever the dtype of x.
+
+One program owns a tile of BB batch rows (BB >= 16, the smallest ``tl.dot`` side) and one head, and runs
+every time step. Each step multiplies h_{t-1} (BB, d) by the head's R block (d, 4d) in tiles of KC rows
+of R (the block stays hot in L1/L2; d up to 256 would not fit in registers), reading h_{t-1} back from the
+sequence of hidden states the kernel writes (HS, (S+1, B, E) float32) after a CTA barrier. The forward
+keeps per step the states c, n, m, h and the gate pre-activations for the backward.
+
+The backward walks the sequence in reverse in the same layout: the per-step gate gradients (the gradient
+of x) and dh_{t-1} = R (gate gradients), exchanged through a double buffer (2, B, E) and a barrier. The
+weight gradients dR = sum_t h_{t-1} (gate gradients)^T and db are one batched matmul / sum afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..mlstm import triton_utils
+from ..mlstm.triton_utils import dot_config, logsigmoid, mm32, pow2, sigmoid, tanh
+from .common import sLSTMState
+
+
+@triton.jit
+def _rh_tile(HSRC, R, acc_i, acc_f, acc_z, acc_o, rows, mb, head, k0, D, E,
+             DP: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr):
+    """acc_g += h[:, k0:k0+KC] @ R[head, k0:k0+KC, g, :] for the four gates; h read from HSRC (B, E)."""
+    offs_k = k0 + tl.arange(0, KC)
+    mk = offs_k < D
+    offs_o = tl.arange(0, DP)
+    mo = offs_o < D
+    hk = tl.load(HSRC + rows[:, None] * E + head * D + offs_k[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+    r_off = ((head * D + offs_k[:, None]) * 4) * D + offs_o[None, :]
+    r_mask = mk[:, None] & mo[None, :]
+    acc_i += mm32(hk, tl.load(R + r_off, mask=r_mask, other=0.0), PREC)
+    acc_f += mm32(hk, tl.load(R + r_off + D, mask=r_mask, other=0.0), PREC)
+    acc_z += mm32(hk, tl.load(R + r_off + 2 * D, mask=r_mask, other=0.0), PREC)
+    acc_o += mm32(hk, tl.load(R + r_off + 3 * D, mask=r_mask, other=0.0), PREC)
+    return acc_i, acc_f, acc_z, acc_o
+
+
+@triton.jit
+def _slstm_fwd(
+    X, R, Bias, Y, HS, CS, NS, MS, PRE,
+    B, S, D, E,
+    EXP_FORGET: tl.constexpr, BB: tl.constexpr, DP: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr,
+):
+    pb = tl.program_id(0)
+    head = tl.program_id(1)
+    rows = (pb * BB + tl.arange(0, BB)).to(tl.int64)
+    mb = rows < B
+    offs_o = tl.arange(0, DP)
+    mo = offs_o < D
+    mask = mb[:, None] & mo[None, :]
+    col = head * D + offs_o
+    st = rows[:, None] * E + col[None, :]  # (BB, DP) offsets into a (B, E) state
+    bi = tl.load(Bias + col, mask=mo, other=0.0).to(tl.float32)
+    bf = tl.load(Bias + E + col, mask=mo, other=0.0).to(tl.float32)
+    bz = tl.load(Bias + 2 * E + col, mask=mo, other=0.0).to(tl.float32)
+    bo = tl.load(Bias + 3 * E + col, mask=mo, other=0.0).to(tl.float32)
+    c = tl.load(CS + st, mask=mask, other=0.0)
+    n = tl.load(NS + st, mask=mask, other=0.0)
+    m = tl.load(MS + st, mask=mask, other=0.0)
+    BE = B * E
+    for t in range(S):
+        x_off = (rows[:, None] * S + t) * (4 * E) + col[None, :]
+        acc_i = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32) + bi[None, :]
+        acc_f = tl.load(X + x_off + E, mask=mask, other=0.0).to(tl.float32) + bf[None, :]
+        acc_z = tl.load(X + x_off + 2 * E, mask=mask, other=0.0).to(tl.float32) + bz[None, :]
+        acc_o = tl.load(X + x_off + 3 * E, mask=mask, other=0.0).to(tl.float32) + bo[None, :]
+        for k0 in range(0, D, KC):
+            acc_i, acc_f, acc_z, acc_o = _rh_tile(HS + t * BE, R, acc_i, acc_f, acc_z, acc_o, rows, mb, head, k0,
+                                                  D, E, DP, KC, PREC)
+        if EXP_FORGET:
+            logf = acc_f
+        else:
+            logf = logsigmoid(acc_f)
+        m_new = tl.where(n == 0.0, acc_i, tl.maximum(acc_i, logf + m))
+        ia = tl.exp(acc_i - m_new)
+        fa = tl.exp(logf + m - m_new)
+        tz = tanh(acc_z)
+        so = sigmoid(acc_o)
+        c = fa * c + ia * tz
+        n = fa * n + ia
+        m = m_new
+        h = so * c / n
+        nxt = (t + 1) * BE + st
+        tl.store(CS + nxt, c, mask=mask)
+        tl.store(NS + nxt, n, mask=mask)
+        tl.store(MS + nxt, m, mask=mask)
+        pre = (t * BE + rows[:, None] * E) * 4 + col[None, :]
+        tl.store(PRE + pre, acc_i, mask=mask)
+        tl.store(PRE + pre + E, acc_f, mask=mask)
+        tl.store(PRE + pre + 2 * E, acc_z, mask=mask)
+        tl.store(PRE + pre + 3 * E, acc_o, mask=mask)
+        tl.store(Y + (rows[:, None] * S + t) * E + col[None, :], h.to(Y.dtype.element_ty), mask=mask)
+        tl.store(HS + nxt, h, mask=mask)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _slstm_bwd(
+    R, DY, HS, CS, NS, MS, PRE, DX, DHR, DC, DN,
+    B, S, D, E,
+    EXP_FORGET: tl.constexpr, BB: tl.constexpr, DP: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr,
+):
+    pb = tl.program_id(0)
+    head = tl.program_id(1)
+    rows = (pb * BB + tl.arange(0, BB)).to(tl.int64)
+    mb = rows < B
+    offs_o = tl.arange(0, DP)
+    mo = offs_o < D
+    mask = mb[:, None] & mo[None, :]
+    col = head * D + offs_o
+    st = rows[:, None] * E + col[None, :]
+    BE = B * E
+    dc = tl.load(DC + st, mask=mask, other=0.0)
+    dn = tl.load(DN + st, mask=mask, other=0.0)
+    for tt in range(S):
+        t = S - 1 - tt
+        dh = tl.load(DHR + ((t + 1) % 2) * BE + st, mask=mask, other=0.0)
+        dh += tl.load(DY + (rows[:, None] * S + t) * E + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        pre = (t * BE + rows[:, None] * E) * 4 + col[None, :]
+        p_i = tl.load(PRE + pre, mask=mask, other=0.0)
+        p_f = tl.load(PRE + pre + E, mask=mask, other=0.0)
+        p_z = tl.load(PRE + pre + 2 * E, mask=mask, other=0.0)
+        p_o = tl.load(PRE + pre + 3 * E, mask=mask, other=0.0)
+        cur = (t + 1) * BE + st
+        prv = t * BE + st
+        c_t = tl.load(CS + cur, mask=mask, other=0.0)
+        n_t = tl.load(NS + cur, mask=mask, other=1.0)
+        m_t = tl.load(MS + cur, mask=mask, other=0.0)
+        c_p = tl.load(CS + prv, mask=mask, other=0.0)
+        n_p = tl.load(NS + prv, mask=mask, other=0.0)
+        m_p = tl.load(MS + prv, mask=mask, other=0.0)
+        if EXP_FORGET:
+            logf = p_f
+            dlogf = tl.full([BB, DP], 1.0, tl.float32)
+        else:
+            logf = logsigmoid(p_f)
+            dlogf = sigmoid(-p_f)
+        ia = tl.exp(p_i - m_t)
+        fa = tl.exp(logf + m_p - m_t)
+        tz = tanh(p_z)
+        so = sigmoid(p_o)
+        inv_n = 1.0 / n_t
+        dc += dh * so * inv_n
+        dn -= dh * so * c_t * inv_n * inv_n
+        g_i = tl.where(mask, (dc * tz + dn) * ia, 0.0)
+        g_f = tl.where(mask, (dc * c_p + dn * n_p) * fa * dlogf, 0.0)
+        g_z = tl.where(mask, dc * ia * (1.0 - tz * tz), 0.0)
+        g_o = tl.where(mask, dh * c_t * inv_n * so * (1.0 - so), 0.0)
+        x_off = (rows[:, None] * S + t) * (4 * E) + col[None, :]
+        tl.store(DX + x_off, g_i, mask=mask)
+        tl.store(DX + x_off + E, g_f, mask=mask)
+        tl.store(DX + x_off + 2 * E, g_z, mask=mask)
+        tl.store(DX + x_off + 3 * E, g_o, mask=mask)
+        dc = dc * fa
+        dn = dn * fa
+        # dh_{t-1}[:, k] = sum_g g_g @ R[head, k, g, :]^T, in tiles of KC output units k.
+        for k0 in range(0, D, KC):
+            offs_k = k0 + tl.arange(0, KC)
+            mk = offs_k < D
+            r_off = ((head * D + offs_k[None, :]) * 4) * D + offs_o[:, None]  # (DP, KC): R^T tile
+            r_mask = mo[:, None] & mk[None, :]
+            acc = mm32(g_i, tl.load(R + r_off, mask=r_mask, other=0.0), PREC)
+            acc += mm32(g_f, tl.load(R + r_off + D, mask=r_mask, other=0.0), PREC)
+            acc += mm32(g_z, tl.load(R + r_off + 2 * D, mask=r_mask, other=0.0), PREC)
+            acc += mm32(g_o, tl.load(R + r_off + 3 * D, mask=r_mask, other=0.0), PREC)
+            tl.store(DHR + (t % 2) * BE + rows[:, None] * E + head * D + offs_k[None, :], acc,
+                     mask=mb[:, None] & mk[None, :])
+        tl.debug_barrier()
+    tl.store(DC + st, dc, mask=mask)
+    tl.store(DN + st, dn, mask=mask)
+
+
+def _config(B: int, d: int) -> dict:
+    """Batch tile, padded head width and R row-tile for the kernels."""
+    DP = pow2(d, 16)
+    return {"BB": pow2(B, 16, 32), "DP": DP, "KC": min(DP, 32)}
+
+
+class _SLSTMTritonFn(torch.autograd.Function):
+    """x (B, S, 4E), R (NH, d, 4, d), b (4E,), h0, c0, n0, m0 (B, E) float32 -> y, h, c, n, m."""
+
+    @staticmethod
+    def forward(ctx, x, R, b, h0, c0, n0, m0, forget_gate):
+        B, S = x.shape[:2]
+        NH, d = R.shape[0], R.shape[1]
+        E = NH * d
+        dev = x.device
+        f32 = torch.float32
+        cfg = _config(B, d)
+        prec = dot_config(x.dtype)["PREC"]
+        HS = triton_utils.empty(S + 1, B, E, device=dev, dtype=f32)
+        CS, NS, MS = (triton_utils.empty(S + 1, B, E, device=dev, dtype=f32) for _ in range(3))
+        for buf, init in ((HS, h0), (CS, c0), (NS, n0), (MS, m0)):
+            buf[0] = init
+        PRE = triton_utils.empty(S, B, 4, E, device=dev, dtype=f32)
+        y = triton_utils.empty(B, S, E, device=dev, dtype=x.dtype)
+        grid = (triton.cdiv(B, cfg["BB"]), NH)
+        Rc = R.contiguous()
+        _slstm_fwd[grid](
+            x, Rc, b.contiguous(), y, HS, CS, NS, MS, PRE, B, S, d, E,
+            EXP_FORGET=forget_gate == "exp", PREC=prec, num_warps=4 if d <= 64 else 8, **cfg,
+        )
+        ctx.save_for_backward(Rc, HS, CS, NS, MS, PRE)
+        ctx.meta = (forget_gate, x.dtype, R.dtype, b.dtype)
+        m_last = MS[S].clone()
+        ctx.mark_non_differentiable(m_last)
+        return y, HS[S].clone(), CS[S].clone(), NS[S].clone(), m_last
+
+    @staticmethod
+    def backward(ctx, dy, dh_last, dc_last, dn_last, _dm):
+        Rc, HS, CS, NS, MS, PRE = ctx.saved_tensors
+        forget_gate, x_dtype, R_dtype, b_dtype = ctx.meta
+        S1, B, E = HS.shape
+        S = S1 - 1
+        NH, d = Rc.shape[0], Rc.shape[1]
+        dev = HS.device
+        f32 = torch.float32
+        cfg = _config(B, d)
+        prec = dot_config(x_dtype)["PREC"]
+        dy = torch.zeros(B, S, E, device=dev, dtype=f32) if dy is None else dy.contiguous()
+        DHR = torch.zeros(2, B, E, device=dev, dtype=f32)
+        if dh_last is not None:
+            DHR[S % 2] = dh_last
+        DC = torch.zeros(B, E, device=dev, dtype=f32) if dc_last is None else dc_last.float().clone()
+        DN = torch.zeros(B, E, device=dev, dtype=f32) if dn_last is None else dn_last.float().clone()
+        DX = triton_utils.empty(B, S, 4 * E, device=dev, dtype=f32)
+        grid = (triton.cdiv(B, cfg["BB"]), NH)
+        _slstm_bwd[grid](
+            Rc, dy, HS, CS, NS, MS, PRE, DX, DHR, DC, DN, B, S, d, E,
+            EXP_FORGET=forget_gate == "exp", PREC=prec, num_warps=4 if d <= 64 else 8, **cfg,
+        )
+        h_prev = HS[:S].reshape(S, B, NH, d)
+        g_all = DX.view(B, S, 4, NH, d)
+        dR = torch.einsum("tbhi,btgho->higo", h_prev, g_all)
+        db = DX.sum(dim=(0, 1))
+        return DX.to(x_dtype), dR.to(R_dtype), db.to(b_dtype), DHR[0].clone(), DC, DN, None, None
+
+
+def slstm_triton(x, R, b, state: sLSTMState, forget_gate: str = "sigmoid") -> tuple[torch.Tensor, sLSTMState]:
+    """The sLSTM over a sequence with the fused Triton kernels (differentiable).
+
+    x: (B, S, 4E) gate pre-activations [i | f | z | o] (float32 or half); R: (NH, d, 4, d); b: (4E,);
+    state: (h, c, n, m), each (B, E), read as float32 and never modified. Gradients reach x, R, b and the
+    initial h, c, n (not m). Returns h (B, S, E) in x.dtype and the final float32 state.
+    """
+    x = x.contiguous()
+    h0, c0, n0, m0 = (t.to(device=x.device, dtype=torch.float32) for t in state)
+    y, h, c, n, m = _SLSTMTritonFn.apply(x, R, b, h0, c0, n0, m0.detach(), forget_gate)
+    return y, sLSTMState(h, c, n, m)
+
+
+__all__ = ["slstm_triton"]
