@@ -327,6 +327,11 @@ def _tiles(dqk: int, dv: int) -> tuple[int, int]:
     return pow2(dqk, 16, 64), pow2(dv, 16, 64)
 
 
+def _warps(L: int) -> int:
+    """Warps for the chunk-parallel kernels: (L, L) score tiles of 64x64 and more want 8."""
+    return 8 if L >= 64 else 4
+
+
 class _MLSTMTritonFn(torch.autograd.Function):
     """Autograd wrapper: inputs q, k, v (B*NH, S, d) contiguous, i, f (B*NH, S), optional C0, n0, m0."""
 
@@ -358,7 +363,7 @@ class _MLSTMTritonFn(torch.autograd.Function):
         _fwd_out[(BH, NC, triton.cdiv(dv, BV))](
             q, k, v, i, f, CS, NS, MS, h, MH, DEN, SGN,
             S, dqk, dv, NC, scale, eps,
-            M_FLOOR=M_FLOOR, L=L, BK=BK, BV=BV, **cfg,
+            M_FLOOR=M_FLOOR, L=L, BK=BK, BV=BV, num_warps=_warps(L), **cfg,
         )
         ctx.save_for_backward(q, k, v, i, f, h, CS, NS, MS, MH, DEN, SGN)
         ctx.meta = (L, has_state)
@@ -398,11 +403,11 @@ class _MLSTMTritonFn(torch.autograd.Function):
         dvv = triton_utils.empty(BH, S, dv, device=dev, dtype=f32)
         _bwd_dqdk[(BH, NC, NPK)](
             q, k, v, i, f, dh, beta, MH, DEN, MS, CS, NS, DCS, DNS, dq, dk,
-            S, dqk, dv, NC, scale, L=L, BK=BK, BV=BV, **cfg,
+            S, dqk, dv, NC, scale, L=L, BK=BK, BV=BV, num_warps=_warps(L), **cfg,
         )
         _bwd_dv[(BH, NC, NPV)](
             q, k, i, f, dh, MH, DEN, MS, DCS, dvv,
-            S, dqk, dv, NC, scale, L=L, BK=BK, BV=BV, **cfg,
+            S, dqk, dv, NC, scale, L=L, BK=BK, BV=BV, num_warps=_warps(L), **cfg,
         )
         di = (k.float() * dk).sum(-1)  # (BH, S)
         db = (q.float() * dq).sum(-1) - di

@@ -8,7 +8,8 @@ no gradient through m. Gate maths and states are float32 whatever the dtype of x
 One program owns a tile of BB batch rows (BB >= 16, the smallest ``tl.dot`` side) and one head, and runs
 every time step. Each step multiplies h_{t-1} (BB, d) by the head's R block (d, 4d) in tiles of KC rows
 of R (the block stays hot in L1/L2; d up to 256 would not fit in registers), reading h_{t-1} back from the
-sequence of hidden states the kernel writes (HS, (S+1, B, E) float32) after a CTA barrier. The forward
+sequence of hidden states the kernel writes (HS, (S+1, B, E) float32) after a CTA barrier (loads of data
+written in the same launch bypass L1: cache modifier ".cg"). The forward
 keeps per step the states c, n, m, h and the gate pre-activations for the backward.
 
 The backward walks the sequence in reverse in the same layout: the per-step gate gradients (the gradient
@@ -35,7 +36,8 @@ def _rh_tile(HSRC, R, acc_i, acc_f, acc_z, acc_o, rows, mb, head, k0, D, E,
     mk = offs_k < D
     offs_o = tl.arange(0, DP)
     mo = offs_o < D
-    hk = tl.load(HSRC + rows[:, None] * E + head * D + offs_k[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+    hk = tl.load(HSRC + rows[:, None] * E + head * D + offs_k[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
+                 cache_modifier=".cg")
     r_off = ((head * D + offs_k[:, None]) * 4) * D + offs_o[None, :]
     r_mask = mk[:, None] & mo[None, :]
     acc_i += mm32(hk, tl.load(R + r_off, mask=r_mask, other=0.0), PREC)
@@ -124,7 +126,7 @@ def _slstm_bwd(
     dn = tl.load(DN + st, mask=mask, other=0.0)
     for tt in range(S):
         t = S - 1 - tt
-        dh = tl.load(DHR + ((t + 1) % 2) * BE + st, mask=mask, other=0.0)
+        dh = tl.load(DHR + ((t + 1) % 2) * BE + st, mask=mask, other=0.0, cache_modifier=".cg")
         dh += tl.load(DY + (rows[:, None] * S + t) * E + col[None, :], mask=mask, other=0.0).to(tl.float32)
         pre = (t * BE + rows[:, None] * E) * 4 + col[None, :]
         p_i = tl.load(PRE + pre, mask=mask, other=0.0)
