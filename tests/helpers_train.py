@@ -1,0 +1,26 @@
+"""Shared fixtures for the training, generation and CLI tests: a small text corpus and tiny model configs."""
+
+import json
+
+TINY = {
+    "xlstm": {"embedding_dim": 32, "num_blocks": 2, "slstm_at": [1], "mlstm_num_heads": 2, "slstm_num_heads": 2},
+    "lstm": {"embedding_dim": 32, "num_layers": 2},
+    "transformer": {"embedding_dim": 32, "num_layers": 2, "num_heads": 2},
+}
+
+
+def write_corpus(path, n_docs: int = 12):
+    """A folder of small English-ish and Python-ish text files (about 30 KB)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for j in range(n_docs):
+        lines = [f"def function_{j}_{k}(x):\n    return x * {k} + {j}  # the answer\n" for k in range(20)]
+        lines += [f"The quick brown fox {j} jumps over the lazy dog {k} times.\n" for k in range(20)]
+        (path / f"doc{j:02d}.txt").write_text("".join(lines))
+    return path
+
+
+def tiny_args(arch, data, out, steps=4, extra=()):
+    """CLI arguments of a tiny, fast training run."""
+    return ["train", "--arch", arch, "--config", json.dumps(TINY[arch]), "--data", str(data), "--out", str(out),
+            "--max-steps", str(steps), "--batch-size", "4", "--seq-len", "16", "--eval-every", "2",
+            "--eval-tokens", "512", "--warmup", "1", "--samples", "0", "--no-progress", *extra]
