@@ -36,7 +36,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import M_FLOOR, mLSTMState
+from .chunkwise import mlstm_chunkwise
+from .common import M_FLOOR, initial_state, mLSTMState
 from . import triton_utils
 from .triton_utils import dot_config, logsigmoid, mm, mm32, pow2
 
@@ -436,7 +437,11 @@ def mlstm_triton(
     n (B, NH, d_qk), m (B, NH)), read as float32 and never modified; gradients reach C and n (not m).
     chunk_size is rounded to a power of two in [16, 128] (and not above S rounded up): the result does not
     depend on it beyond rounding. Returns h (B, NH, S, d_v) in v.dtype and the final float32 state.
+    Float64 inputs keep their float64 conventions: they go to the plain-PyTorch chunkwise form.
     """
+    if q.dtype == torch.float64:
+        return mlstm_chunkwise(q, k, v, i, f, initial_state(state, *q.shape[:2], q.shape[3], v.shape[3],
+                                                            torch.float64, q.device), chunk_size, eps)
     B, NH, S, dqk = q.shape
     dv = v.shape[-1]
     L = min(pow2(chunk_size, 16, 128), pow2(S, 16))

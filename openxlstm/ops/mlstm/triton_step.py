@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import M_FLOOR, mLSTMState
+from .common import M_FLOOR, initial_state, mLSTMState
+from .recurrent import mlstm_step
 from . import triton_utils
 from .triton_utils import logsigmoid, pow2
 
@@ -84,11 +85,14 @@ def mlstm_step_triton(
     """One mLSTM step. q, k (B, NH, d_qk); v (B, NH, d_v); i, f (B, NH); state (C, n, m) or None (zeros).
 
     Returns h (B, NH, d_v) in v.dtype and a new float32 state (C (B, NH, d_qk, d_v), n (B, NH, d_qk),
-    m (B, NH)); the caller's state tensors are only read. No autograd (inference).
+    m (B, NH)); the caller's state tensors are only read. No autograd (inference). Float64 inputs keep
+    their float64 conventions through the plain-PyTorch step.
     """
     B, NH, dqk = q.shape
     dv = v.shape[-1]
     dev = q.device
+    if q.dtype == torch.float64:
+        return mlstm_step(q, k, v, i, f, initial_state(state, B, NH, dqk, dv, torch.float64, dev), eps)
     q, k, v, i, f = (t.contiguous() for t in (q, k, v, i, f))
     has_state = state is not None
     if has_state:

@@ -26,6 +26,7 @@ import triton.language as tl
 from ..mlstm import triton_utils
 from ..mlstm.triton_utils import dot_config, logsigmoid, mm32, pow2, sigmoid, tanh
 from .common import sLSTMState
+from .fused import slstm_fused
 
 
 @triton.jit
@@ -253,8 +254,11 @@ def slstm_triton(x, R, b, state: sLSTMState, forget_gate: str = "sigmoid") -> tu
 
     x: (B, S, 4E) gate pre-activations [i | f | z | o] (float32 or half); R: (NH, d, 4, d); b: (4E,);
     state: (h, c, n, m), each (B, E), read as float32 and never modified. Gradients reach x, R, b and the
-    initial h, c, n (not m). Returns h (B, S, E) in x.dtype and the final float32 state.
+    initial h, c, n (not m). Returns h (B, S, E) in x.dtype and the final float32 state. Float64 inputs
+    keep their float64 conventions through the plain-PyTorch fused backend.
     """
+    if x.dtype == torch.float64:
+        return slstm_fused(x, R.double(), b.double(), sLSTMState(*(t.double() for t in state)), forget_gate)
     x = x.contiguous()
     h0, c0, n0, m0 = (t.to(device=x.device, dtype=torch.float32) for t in state)
     y, h, c, n, m = _SLSTMTritonFn.apply(x, R, b, h0, c0, n0, m0.detach(), forget_gate)
