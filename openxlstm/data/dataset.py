@@ -37,7 +37,7 @@ class TokenData:
 def make_tokenizer(spec: Optional[str], train_text: Optional[str]):
     """The tokenizer for a --tokenizer value: None/"byte", "bpe:N" (trained on train_text), or a file path.
     A tokenizer object (anything with ``encode``) is returned as it is."""
-    if hasattr(spec, "encode"):
+    if spec is not None and not isinstance(spec, str):
         return spec
     if spec in (None, "byte"):
         return ByteTokenizer()
