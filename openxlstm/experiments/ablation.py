@@ -1,0 +1,170 @@
+"""The paper's language-model ablation ladder in miniature, at equal budgets, in validation bits per byte.
+
+Rungs (each adds one ingredient to the one before; all at the same width, depth, data, steps, batch,
+context and learning rate):
+  1. "lstm"        classic multi-layer LSTM
+  2. "reslstm"     the same LSTM cells in residual pre-LayerNorm blocks with the gated FFN (xLSTM block structure)
+  3. "xlstm[0:1]"  + exponential gating, heads and the stabilizer: sLSTM blocks
+  4. "xlstm[7:1]"  + matrix memory: mLSTM blocks with one sLSTM block in eight (needs num_blocks >= 8 to
+                   be a true 7:1; fewer blocks still place one sLSTM block)
+Data: the training issue's default corpus (pydoc topics + stdlib sources), byte-level, its train/val split.
+Each rung is one row of ``ablation.csv`` (resumable like the grids: finished rungs are skipped).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models import build_model, canonical_name
+from .runner import read_results
+
+LADDER = ("lstm", "reslstm", "xlstm[0:1]", "xlstm[7:1]")
+LADDER_LABELS = {
+    "lstm": "LSTM",
+    "reslstm": "+ residual pre-LN blocks",
+    "xlstm[0:1]": "+ exponential gating (sLSTM)",
+    "xlstm[7:1]": "+ matrix memory (xLSTM[7:1])",
+}
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    """One rung: model and the shared budget."""
+
+    model: str
+    width: int = 128
+    num_blocks: int = 8
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int = 500
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    eval_tokens: int = 65536
+    seed: int = 0
+    max_bytes: int = 8_000_000
+
+
+SPEC_FIELDS = [f.name for f in fields(AblationSpec)]
+CSV_FIELDS = SPEC_FIELDS + ["params", "tokens_seen", "steps_done", "train_loss", "val_bpb", "seconds", "finished_at"]
+
+
+def load_bytes(max_bytes: int = 8_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) byte arrays of the default corpus, with the training issue's document split (5% val)."""
+    from ..data import ByteTokenizer, default_corpus, split_documents
+
+    train_text, val_text = split_documents(default_corpus(max_bytes), 0.05)
+    tok = ByteTokenizer()
+    return np.asarray(tok.encode(train_text)), np.asarray(tok.encode(val_text))
+
+
+@torch.inference_mode()
+def val_bits_per_byte(model, val: np.ndarray, seq_len: int, max_tokens: int, batch_size: int = 16) -> float:
+    """Mean next-byte cross-entropy in bits over non-overlapping windows of ``seq_len`` covering at most
+    ``max_tokens`` targets, evenly spread over the validation bytes."""
+    model.eval()
+    available = (len(val) - 1) // seq_len
+    count = max(1, min(available, max_tokens // seq_len))
+    starts = np.unique(np.linspace(0, available - 1, count).round().astype(np.int64)) * seq_len
+    total, n = 0.0, 0
+    for j in range(0, len(starts), batch_size):
+        w = torch.from_numpy(np.stack([val[s : s + seq_len + 1].astype(np.int64) for s in starts[j : j + batch_size]]))
+        logits = model(w[:, :-1]).float()  # (B, S, 256)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum").item()
+        n += w[:, 1:].numel()
+    model.train()
+    return total / n / math.log(2)
+
+
+def run_rung(spec: AblationSpec, train: np.ndarray, val: np.ndarray, max_seconds: Optional[float] = None,
+             log: Callable[[str], None] = print, log_every: int = 50) -> dict:
+    """Train one rung from scratch on random windows of ``train``; returns its CSV row."""
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, 256, spec.width, spec.num_blocks, context_length=spec.seq_len)
+    opt = torch.optim.AdamW(model.optim_groups(spec.weight_decay), lr=spec.lr, betas=(0.9, 0.95))
+    warmup = max(1, spec.steps // 20)
+    rng = np.random.default_rng(spec.seed)
+    start, ema, step = time.time(), None, 0
+    for step in range(1, spec.steps + 1):
+        progress = max(0.0, (step - 1 - warmup) / max(1, spec.steps - warmup))
+        lr = spec.lr * min(step / warmup, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        starts = rng.integers(0, len(train) - spec.seq_len - 1, size=spec.batch_size)
+        w = torch.from_numpy(np.stack([train[s : s + spec.seq_len + 1].astype(np.int64) for s in starts]))  # (B, S+1)
+        logits = model(w[:, :-1]).float()  # (B, S, 256)
+        loss = F.cross_entropy(logits.reshape(-1, 256), w[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        elapsed = time.time() - start
+        if step % log_every == 0 or step == spec.steps:
+            log(f"    step {step}/{spec.steps}  loss {ema / math.log(2):.3f} bits/byte  {elapsed:.0f}s")
+        if max_seconds is not None and elapsed > max_seconds:
+            log(f"    time budget {max_seconds:.0f}s reached at step {step}")
+            break
+    bpb = val_bits_per_byte(model, val, spec.seq_len, spec.eval_tokens)
+    row = asdict(spec)
+    row.update(params=model.num_params(), tokens_seen=step * spec.batch_size * spec.seq_len, steps_done=step,
+               train_loss=round(ema / math.log(2), 4), val_bpb=round(bpb, 4), seconds=round(time.time() - start, 1),
+               finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    log(f"    {spec.model}: validation {bpb:.4f} bits/byte ({model.num_params():,} parameters)")
+    return row
+
+
+def ablation_table(rows: list[dict]) -> str:
+    """The ladder as a markdown table, rungs in ladder order."""
+    order = {m: j for j, m in enumerate(LADDER)}
+    rows = sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"], int(r["seed"])))
+    lines = ["| rung | model | params | steps | tokens | val bits/byte |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        label = LADDER_LABELS.get(r["model"], r["model"])
+        lines.append(f"| {label} | {r['model']} | {int(r['params']):,} | {r['steps_done']} | "
+                     f"{int(r['tokens_seen']):,} | {float(r['val_bpb']):.4f} |")
+    return "\n".join(lines)
+
+
+def run_ablation(models: list[str], out_dir: Union[str, Path], max_seconds: Optional[float] = None,
+                 log: Callable[[str], None] = print, log_every: int = 50, **settings) -> list[dict]:
+    """Run the rungs not yet in ``out_dir/ablation.csv``; writes ``ablation.md``. Returns the new rows."""
+    import csv
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "ablation.csv"
+    specs = [AblationSpec(model=canonical_name(m), **settings) for m in models]
+    existing = read_results(csv_path)
+    done = {tuple(r[k] for k in SPEC_FIELDS) for r in existing}
+    todo = [s for s in specs if tuple(str(v) for v in asdict(s).values()) not in done]
+    log(f"{len(specs)} rungs, {len(specs) - len(todo)} already in {csv_path}, {len(todo)} to run")
+    new_rows = []
+    if todo:
+        train, val = load_bytes(specs[0].max_bytes)
+        log(f"default corpus: {len(train):,} train / {len(val):,} val bytes")
+    for j, spec in enumerate(todo):
+        log(f"[{j + 1}/{len(todo)}] {LADDER_LABELS.get(spec.model, spec.model)}: {spec.model}")
+        row = run_rung(spec, train, val, max_seconds=max_seconds, log=log, log_every=log_every)
+        new = not csv_path.exists() or csv_path.stat().st_size == 0
+        with csv_path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        new_rows.append(row)
+    table = ablation_table(read_results(csv_path))
+    (out_dir / "ablation.md").write_text("# LM ablation ladder (validation bits per byte)\n\n" + table + "\n")
+    log(table)
+    return new_rows
+
+
+__all__ = ["LADDER", "LADDER_LABELS", "AblationSpec", "run_rung", "run_ablation", "ablation_table",
+           "val_bits_per_byte", "load_bytes"]

@@ -1,0 +1,149 @@
+"""``openxlstm experiment grid|ablation|report``: the paper's experiments from the command line.
+
+    openxlstm experiment grid --tasks parity,mqar --models "xlstm[0:1],xlstm[1:0]" --seeds 0,1 --out runs/fl
+    openxlstm experiment ablation --steps 500 --out runs/ablation
+    openxlstm experiment report --out runs/fl
+
+Also runnable without the main CLI as ``python -m openxlstm.experiments ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..errors import UserError
+from .ablation import LADDER, run_ablation
+from .models import PAPER_MODELS, canonical_name
+from .runner import ALL_TASKS, grid_specs, run_grid, write_report
+
+
+def _list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``experiment`` (with grid / ablation / report) on an argparse subparsers object."""
+    p = subparsers.add_parser("experiment", help="the paper's experiments: formal languages, MQAR, LM ablation")
+    sub = p.add_subparsers(dest="experiment", required=True)
+
+    g = sub.add_parser("grid", help="train and test a grid of tasks x models x seeds (resumable CSV, table, heat-map)")
+    g.add_argument("--tasks", type=_list, default=list(ALL_TASKS),
+                   help=f"comma-separated, from {','.join(ALL_TASKS)} (default: all)")
+    g.add_argument("--models", type=_list, default=list(PAPER_MODELS),
+                   help=f"comma-separated: xlstm[a:b], lstm, reslstm, transformer (default: {','.join(PAPER_MODELS)})")
+    g.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds (default: 0)")
+    g.add_argument("--width", type=int, default=64, help="embedding width of every model (default 64)")
+    g.add_argument("--num-blocks", type=int, default=2, help="blocks / layers of every model (default 2, as the paper)")
+    g.add_argument("--steps", type=int, default=1000, help="training steps per cell")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--train-max-len", type=int, default=40, help="train on input lengths 1..N (default 40)")
+    g.add_argument("--test-lengths", default="41-256", help="test input lengths lo-hi (default 41-256)")
+    g.add_argument("--supervision", choices=("prefix", "last"), default="prefix",
+                   help="train classification tasks on every prefix's label (default) or on the final label only")
+    g.add_argument("--eval-batches", type=int, default=8, help="test batches per cell (one length each)")
+    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--mqar-context", type=int, default=64)
+    g.add_argument("--mqar-pairs", type=int, default=8)
+    g.add_argument("--mqar-vocab", type=int, default=64)
+    g.add_argument("--max-minutes", type=float, default=None, help="stop training a cell after this many minutes")
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    g.add_argument("--log-every", type=int, default=100)
+    g.add_argument("--out", required=True, help="output folder: results.csv (appended), results.md, heatmap.png")
+
+    a = sub.add_parser("ablation", help="the LM ablation ladder at equal budgets, in validation bits per byte")
+    a.add_argument("--models", type=_list, default=list(LADDER), help=f"rungs (default: {','.join(LADDER)})")
+    a.add_argument("--width", type=int, default=128)
+    a.add_argument("--num-blocks", type=int, default=8)
+    a.add_argument("--seq-len", type=int, default=128)
+    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--steps", type=int, default=500)
+    a.add_argument("--lr", type=float, default=2e-3)
+    a.add_argument("--eval-tokens", type=int, default=65536, help="validation bytes scored")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--max-minutes", type=float, default=None, help="stop training a rung after this many minutes")
+    a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--log-every", type=int, default=50)
+    a.add_argument("--out", required=True, help="output folder: ablation.csv (appended), ablation.md")
+
+    r = sub.add_parser("report", help="rewrite results.md and heatmap.png from a grid's results.csv")
+    r.add_argument("--out", required=True, help="the grid's output folder")
+    return p
+
+
+def _check_positive(args, names):
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def run(args) -> int:
+    """Run the parsed ``experiment`` command; bad input raises UserError."""
+    try:
+        if args.experiment == "report":
+            return 0 if write_report(args.out) is not None else 1
+        _check_positive(args, ["width", "num_blocks", "steps", "batch_size", "lr", "threads", "max_minutes"])
+        torch.set_num_threads(args.threads)
+        max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
+        if args.experiment == "ablation":
+            for m in args.models:
+                canonical_name(m)
+            run_ablation(args.models, args.out, max_seconds=max_seconds, log_every=args.log_every,
+                         width=args.width, num_blocks=args.num_blocks, seq_len=args.seq_len,
+                         batch_size=args.batch_size, steps=args.steps, lr=args.lr, eval_tokens=args.eval_tokens,
+                         seed=args.seed)
+            return 0
+        try:
+            lo, hi = (int(v) for v in args.test_lengths.split("-"))
+        except ValueError:
+            raise UserError(f"--test-lengths {args.test_lengths!r}: expected lo-hi, e.g. 41-256") from None
+        if not 1 <= lo <= hi:
+            raise UserError(f"--test-lengths {args.test_lengths!r}: need 1 <= lo <= hi")
+        _check_positive(args, ["train_max_len", "eval_batches", "eval_batch_size"])
+        specs = grid_specs(args.tasks, args.models, args.seeds, width=args.width, num_blocks=args.num_blocks,
+                           steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                           train_max_len=args.train_max_len, test_min_len=lo, test_max_len=hi,
+                           supervision=args.supervision, eval_batches=args.eval_batches, eval_batch_size=args.eval_batch_size,
+                           mqar_context=args.mqar_context, mqar_pairs=args.mqar_pairs, mqar_vocab=args.mqar_vocab)
+        for spec in {(s.task, s.mqar_context, s.mqar_pairs, s.mqar_vocab) for s in specs}:
+            if spec[0] == "mqar":
+                from .mqar import MQARTask
+
+                MQARTask(context=spec[1], num_pairs=spec[2], vocab_size=spec[3])
+        run_grid(specs, args.out, max_seconds=max_seconds, log_every=args.log_every)
+        return 0
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def main(argv=None) -> int:
+    """``python -m openxlstm.experiments ...`` (the same as ``openxlstm experiment ...``)."""
+    parser = argparse.ArgumentParser(prog="python -m openxlstm.experiments")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["experiment"] + list(sys.argv[1:] if argv is None else argv))
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["add_parser", "run", "main"]

@@ -1,0 +1,333 @@
+"""Train-and-test grids (tasks x models x seeds) with a resumable CSV, a markdown table and a heat-map.
+
+One cell = one model trained from scratch on one task with one seed, then tested:
+  formal languages: train on input lengths drawn uniformly from [1, train_max_len] (one length per batch;
+                    classification tasks are supervised at every prefix by default, ``supervision="prefix"``),
+                    test on lengths drawn uniformly from [test_min_len, test_max_len]; the score is the
+                    accuracy scaled so that 0 is chance and 1 perfect (per output token for sequence tasks);
+  MQAR:             train and test on fresh sequences of the configured context; the score is the accuracy
+                    on the queried values.
+Every finished cell is appended to ``results.csv`` at once; a rerun with the same settings skips the cells
+already there, so an interrupted grid resumes and new models or seeds append. ``write_report`` turns the
+whole CSV into ``results.md`` and ``heatmap.png`` (models x tasks, mean over seeds).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .formal import IGNORE, TASKS, FormalTask, get_task
+from .models import build_model, canonical_name
+from .mqar import MQARTask
+
+Task = Union[FormalTask, MQARTask]
+ALL_TASKS = tuple(TASKS) + ("mqar",)
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """Everything that determines one cell's result (also the CSV's key for resuming)."""
+
+    task: str
+    model: str
+    seed: int = 0
+    width: int = 64
+    num_blocks: int = 2
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    train_max_len: int = 40
+    test_min_len: int = 41
+    test_max_len: int = 256
+    eval_batches: int = 8
+    eval_batch_size: int = 64
+    mqar_context: int = 64
+    mqar_pairs: int = 8
+    mqar_vocab: int = 64
+    supervision: str = "prefix"  # training targets of classification tasks: "prefix" (every position) or "last"
+
+    def __post_init__(self):
+        if self.supervision not in ("prefix", "last"):
+            raise ValueError(f"supervision must be 'prefix' or 'last', got {self.supervision!r}")
+
+    def key(self) -> tuple:
+        return tuple(str(v) for v in asdict(self).values())
+
+    @property
+    def task_label(self) -> str:
+        """The task's column name: the formal task's name, or mqar with its knobs."""
+        if self.task == "mqar":
+            return f"mqar(T={self.mqar_context},N={self.mqar_pairs},V={self.mqar_vocab})"
+        return self.task
+
+
+SPEC_FIELDS = [f.name for f in fields(CellSpec)]
+RESULT_FIELDS = ["params", "steps_done", "final_loss", "train_accuracy", "accuracy", "chance", "scaled_accuracy",
+                 "score", "seconds", "finished_at"]
+CSV_FIELDS = SPEC_FIELDS + RESULT_FIELDS
+
+
+def make_task(spec: CellSpec) -> Task:
+    if spec.task == "mqar":
+        return MQARTask(context=spec.mqar_context, num_pairs=spec.mqar_pairs, vocab_size=spec.mqar_vocab)
+    return get_task(spec.task)
+
+
+def _batch(task: Task, spec: CellSpec, gen: torch.Generator, lo: int, hi: int, batch: int, train: bool = False):
+    """(tokens, targets), each (B, S): a formal-task batch with one input length drawn from [lo, hi]
+    (prefix labels when training with ``supervision="prefix"``; at test only the answer is scored)."""
+    if isinstance(task, MQARTask):
+        return task.sample(batch, gen)
+    n = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+    return task.sample(batch, n, gen, prefix_labels=train and spec.supervision == "prefix")
+
+
+def _loss_and_correct(model, task: Task, tokens: torch.Tensor, targets: torch.Tensor):
+    """Cross-entropy over the scored positions and (number correct, number scored)."""
+    logits = model(tokens)[..., : task.num_classes].float()  # (B, S, C)
+    mask = targets != IGNORE  # (B, S)
+    loss = F.cross_entropy(logits[mask], targets[mask])
+    correct = (logits[mask].argmax(-1) == targets[mask]).sum().item()
+    return loss, correct, int(mask.sum())
+
+
+@torch.inference_mode()
+def evaluate(model, task: Task, spec: CellSpec, gen: torch.Generator, lo: int, hi: int, batches: int) -> float:
+    """Accuracy on ``batches`` fresh batches (formal tasks: one length in [lo, hi] per batch)."""
+    model.eval()
+    correct = total = 0
+    for _ in range(batches):
+        tokens, targets = _batch(task, spec, gen, lo, hi, spec.eval_batch_size)
+        _, c, t = _loss_and_correct(model, task, tokens, targets)
+        correct, total = correct + c, total + t
+    model.train()
+    return correct / total
+
+
+def run_cell(spec: CellSpec, max_seconds: Optional[float] = None,
+             log: Callable[[str], None] = print, log_every: int = 100) -> dict:
+    """Train and test one cell; returns the CSV row (spec fields + results).
+
+    ``max_seconds`` stops training early (the row records ``steps_done``); the learning-rate schedule
+    (5% linear warm-up, cosine to 10%) is laid out over ``spec.steps``.
+    """
+    task = make_task(spec)
+    torch.manual_seed(spec.seed)
+    context = spec.mqar_context if spec.task == "mqar" else 2 * spec.test_max_len + 1
+    model = build_model(spec.model, task.vocab_size, spec.width, spec.num_blocks, context_length=context)
+    opt = torch.optim.AdamW(model.optim_groups(spec.weight_decay), lr=spec.lr, betas=(0.9, 0.98))
+    warmup = max(1, spec.steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return spec.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, spec.steps - warmup)
+        return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    gen = torch.Generator().manual_seed(spec.seed)
+    start = time.time()
+    ema = None
+    step = 0
+    model.train()
+    for step in range(1, spec.steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1)
+        tokens, targets = _batch(task, spec, gen, 1, spec.train_max_len, spec.batch_size, train=True)
+        loss, _, _ = _loss_and_correct(model, task, tokens, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        elapsed = time.time() - start
+        if step % log_every == 0 or step == spec.steps:
+            log(f"    step {step}/{spec.steps}  loss {ema:.4f}  {elapsed:.0f}s")
+        if max_seconds is not None and elapsed > max_seconds:
+            log(f"    time budget {max_seconds:.0f}s reached at step {step}")
+            break
+    train_seconds = time.time() - start
+
+    eval_gen = torch.Generator().manual_seed(10_000 + spec.seed)
+    train_acc = evaluate(model, task, spec, eval_gen, 1, spec.train_max_len, max(1, spec.eval_batches // 4))
+    acc = evaluate(model, task, spec, eval_gen, spec.test_min_len, spec.test_max_len, spec.eval_batches)
+    scaled = (acc - task.chance) / (1.0 - task.chance)
+    row = asdict(spec)
+    row.update(params=model.num_params(), steps_done=step, final_loss=round(ema, 5),
+               train_accuracy=round(train_acc, 4), accuracy=round(acc, 4), chance=round(task.chance, 4),
+               scaled_accuracy=round(scaled, 4), score=round(acc if spec.task == "mqar" else scaled, 4),
+               seconds=round(time.time() - start, 1), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    log(f"    trained {train_seconds:.0f}s; accuracy {acc:.4f} (scaled {scaled:.4f}), lengths <= "
+        f"{spec.train_max_len}: {train_acc:.4f}")
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CSV
+# ---------------------------------------------------------------------------------------------------------
+def read_results(path: Union[str, Path]) -> list[dict]:
+    """The rows of a results CSV (strings), or [] if it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_result(path: Union[str, Path], row: dict) -> None:
+    """Append one row (writing the header first for a new file)."""
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(str(row[k]) for k in SPEC_FIELDS)
+
+
+def run_grid(specs: list[CellSpec], out_dir: Union[str, Path], max_seconds: Optional[float] = None,
+             log: Callable[[str], None] = print, log_every: int = 100) -> list[dict]:
+    """Run every cell not already in ``out_dir/results.csv``, appending each as it finishes; then write
+    ``results.md`` and ``heatmap.png`` from the whole CSV. Returns the new rows."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "results.csv"
+    existing = read_results(csv_path)
+    if existing and list(existing[0].keys()) != CSV_FIELDS:
+        raise ValueError(f"{csv_path} has different columns than this version writes; use another --out")
+    done = {row_key(r) for r in existing}
+    todo = [s for s in specs if s.key() not in done]
+    log(f"{len(specs)} cells, {len(specs) - len(todo)} already in {csv_path}, {len(todo)} to run")
+    new_rows = []
+    start = time.time()
+    for j, spec in enumerate(todo):
+        eta = "" if j == 0 else f", ~{(time.time() - start) / j * (len(todo) - j) / 60:.0f} min left"
+        log(f"[{j + 1}/{len(todo)}] {spec.task_label} {spec.model} seed {spec.seed}{eta}")
+        row = run_cell(spec, max_seconds=max_seconds, log=log, log_every=log_every)
+        append_result(csv_path, row)
+        new_rows.append(row)
+        write_report(out_dir, log=lambda _: None)
+    write_report(out_dir, log=log)
+    return new_rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report: markdown table and heat-map
+# ---------------------------------------------------------------------------------------------------------
+_SETTING_FIELDS = ("width", "num_blocks", "steps", "batch_size", "lr", "train_max_len", "test_min_len", "test_max_len")
+
+
+def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict]:
+    """-> (model labels, task labels, {(model, task): [scores over seeds]}).
+
+    Model labels carry their settings (width, steps, ...) only when the CSV holds more than one setting."""
+    settings = {tuple(r[k] for k in _SETTING_FIELDS) for r in rows}
+    cells: dict = {}
+    models, tasks = [], []
+    for r in rows:
+        task = (f"mqar(T={r['mqar_context']},N={r['mqar_pairs']},V={r['mqar_vocab']})" if r["task"] == "mqar"
+                else r["task"])
+        model = r["model"]
+        if len(settings) > 1:
+            model += " (" + ",".join(f"{k}={r[k]}" for k in ("width", "steps", "batch_size", "lr")) + ")"
+        if model not in models:
+            models.append(model)
+        if task not in tasks:
+            tasks.append(task)
+        cells.setdefault((model, task), []).append(float(r["score"]))
+    order = {t: j for j, t in enumerate(ALL_TASKS)}
+    tasks.sort(key=lambda t: order.get(t.split("(")[0], len(order)))
+    return models, tasks, cells
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Models x tasks, mean score over seeds (± std and the number of seeds when there are several)."""
+    models, tasks, cells = summarize(rows)
+    lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for m in models:
+        out = []
+        for t in tasks:
+            v = cells.get((m, t))
+            if not v:
+                out.append("")
+            elif len(v) == 1:
+                out.append(f"{v[0]:.2f}")
+            else:
+                mean = sum(v) / len(v)
+                std = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+                out.append(f"{mean:.2f} ± {std:.2f} (n={len(v)})")
+        lines.append(f"| {m} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def heatmap(rows: list[dict], path: Union[str, Path], title: str = "") -> None:
+    """A models x tasks heat-map of the mean score (0 = chance, 1 = perfect), like the paper's figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models, tasks, cells = summarize(rows)
+    grid = np.full((len(models), len(tasks)), np.nan)
+    for i, m in enumerate(models):
+        for j, t in enumerate(tasks):
+            v = cells.get((m, t))
+            if v:
+                grid[i, j] = sum(v) / len(v)
+    fig, ax = plt.subplots(figsize=(1.1 * len(tasks) + 2.5, 0.55 * len(models) + 1.8))
+    ax.imshow(np.clip(grid, 0, 1), cmap="RdYlBu", vmin=0, vmax=1, aspect="auto")
+    for i in range(len(models)):
+        for j in range(len(tasks)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(tasks)), [t.replace("(", "\n(") for t in tasks], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(models)), models, fontsize=9)
+    ax.set_title(title or "scaled accuracy (formal languages) / accuracy (MQAR)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out_dir: Union[str, Path], log: Callable[[str], None] = print) -> Optional[str]:
+    """``results.md`` and ``heatmap.png`` from ``out_dir/results.csv``; returns the table (None if empty)."""
+    out_dir = Path(out_dir)
+    rows = read_results(out_dir / "results.csv")
+    if not rows:
+        log(f"no results in {out_dir / 'results.csv'}")
+        return None
+    table = markdown_table(rows)
+    settings = sorted({", ".join(f"{k}={r[k]}" for k in _SETTING_FIELDS) for r in rows})
+    text = ("# Results\n\nScore: formal languages, accuracy on test lengths scaled so that 0 is chance and 1 "
+            "perfect; MQAR, accuracy on the queried values. Mean over seeds.\n\n" + table + "\n\nSettings: "
+            + "; ".join(settings) + "\n")
+    (out_dir / "results.md").write_text(text)
+    heatmap(rows, out_dir / "heatmap.png")
+    log(table)
+    log(f"wrote {out_dir / 'results.md'} and {out_dir / 'heatmap.png'}")
+    return table
+
+
+def grid_specs(tasks: list[str], models: list[str], seeds: list[int], **settings) -> list[CellSpec]:
+    """The cells of a grid, task-major (all models of a task, then the next task)."""
+    for t in tasks:
+        if t not in ALL_TASKS:
+            raise ValueError(f"unknown task {t!r}; choose from {list(ALL_TASKS)}")
+    models = [canonical_name(m) for m in models]
+    return [CellSpec(task=t, model=m, seed=s, **settings) for t in tasks for m in models for s in seeds]
+
+
+__all__ = ["ALL_TASKS", "CellSpec", "run_cell", "run_grid", "grid_specs", "read_results", "append_result",
+           "markdown_table", "heatmap", "write_report", "evaluate"]

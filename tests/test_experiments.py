@@ -1,0 +1,210 @@
+"""Experiments: every generator's labels against a brute-force computation; tiny end-to-end grids."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from openxlstm.experiments import IGNORE, TASKS, MQARTask, build_model, get_task
+from openxlstm.experiments.ablation import ablation_table, run_ablation
+from openxlstm.experiments.cli import main as cli_main
+from openxlstm.experiments.formal import CYCLE, MOD, OPS
+from openxlstm.experiments.runner import grid_specs, read_results, run_grid
+
+LENGTHS = (1, 2, 3, 8, 41)
+
+
+def _even_pairs(s):
+    pairs = sum(1 for i in range(len(s) - 1) if s[i : i + 2] in ("ab", "ba"))
+    return int(pairs % 2 == 0)
+
+
+def _cycle(moves):
+    pos = 0
+    for m in moves:
+        pos = {0: pos, 1: (pos + 1) % CYCLE, 2: (pos - 1) % CYCLE}[m]
+    return pos
+
+
+def _mod_arith(x):
+    expr = "".join(str(t) if t < MOD else OPS[t - MOD] for t in x)
+    return eval(expr) % MOD  # Python's precedence and floor modulo: the brute-force reference
+
+
+def _majority(x):
+    counts = Counter(x).most_common()
+    assert len(counts) == 1 or counts[0][1] > counts[1][1], "ties must be redrawn"
+    return counts[0][0]
+
+
+BRUTE = {
+    "parity": lambda x: [sum(x) % 2],
+    "even_pairs": lambda x: [_even_pairs("".join("ab"[t] for t in x))],
+    "cycle_nav": lambda x: [_cycle(x)],
+    "mod_arith": lambda x: [_mod_arith(x)],
+    "majority": lambda x: [_majority(x)],
+    "bucket_sort": sorted,
+    "repetition": list,
+}
+
+
+def test_every_task_has_a_brute_force_check():
+    assert set(BRUTE) == set(TASKS)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("n", LENGTHS)
+def test_formal_labels_match_brute_force(name, n):
+    task = get_task(name)
+    tokens, targets = task.sample(256, n, torch.Generator().manual_seed(n))
+    assert tokens.shape == targets.shape and tokens.dtype == targets.dtype == torch.int64
+    m = int((targets != IGNORE).sum(1)[0])
+    assert m == (tokens.shape[1] - m if task.sequence_output else 1)
+    assert tokens.shape[1] - m == (n - 1 + n % 2 if name == "mod_arith" else n)
+    for row_tokens, row_targets in zip(tokens.tolist(), targets.tolist()):
+        x, tail = row_tokens[:-m], row_tokens[-m:]
+        assert all(0 <= t < task.num_symbols for t in x)
+        assert tail == [task.sep] + [task.blank] * (m - 1)
+        assert row_targets[:-m] == [IGNORE] * len(x)
+        assert row_targets[-m:] == list(BRUTE[name](x))
+        assert all(0 <= y < task.num_classes for y in row_targets[-m:])
+
+
+def _brute_or_ignore(name, prefix):
+    if name == "mod_arith" and len(prefix) % 2 == 0:
+        return IGNORE  # an expression ending in an operator has no value
+    if name == "majority":
+        counts = Counter(prefix).most_common()
+        if len(counts) > 1 and counts[0][1] == counts[1][1]:
+            return IGNORE
+    return BRUTE[name](prefix)[0]
+
+
+@pytest.mark.parametrize("name", [t for t in sorted(TASKS) if not TASKS[t].sequence_output])
+def test_formal_prefix_labels_match_brute_force(name):
+    """Dense supervision: the target at input position t is the label of x_1 .. x_t."""
+    task = get_task(name)
+    tokens, targets = task.sample(64, 13, torch.Generator().manual_seed(1), prefix_labels=True)
+    plain_tokens, plain_targets = task.sample(64, 13, torch.Generator().manual_seed(1))
+    assert torch.equal(tokens, plain_tokens) and torch.equal(targets[:, -1], plain_targets[:, -1])
+    for row_tokens, row_targets in zip(tokens.tolist(), targets.tolist()):
+        x = row_tokens[:-1]
+        assert row_targets[:-1] == [_brute_or_ignore(name, x[: t + 1]) for t in range(len(x))]
+
+
+def test_formal_labels_are_balanced_enough_to_learn():
+    """Both parity classes and every cycle position occur."""
+    for name in ("parity", "cycle_nav", "mod_arith"):
+        task = get_task(name)
+        _, targets = task.sample(512, 20, torch.Generator().manual_seed(0))
+        assert set(targets[:, -1].tolist()) == set(range(task.num_classes))
+
+
+def test_formal_bad_input():
+    with pytest.raises(ValueError, match="unknown formal-language task"):
+        get_task("palindrome")
+    with pytest.raises(ValueError, match="positive integer"):
+        get_task("parity").sample(4, 0, torch.Generator())
+
+
+@pytest.mark.parametrize("context,pairs,vocab", [(64, 8, 64), (16, 4, 16), (40, 1, 8)])
+def test_mqar_labels_match_brute_force(context, pairs, vocab):
+    task = MQARTask(context=context, num_pairs=pairs, vocab_size=vocab)
+    tokens, targets = task.sample(128, torch.Generator().manual_seed(context))
+    assert tokens.shape == targets.shape == (128, context)
+    k_lo, k_hi = task.key_range
+    v_lo, v_hi = task.value_range
+    for row, tgt in zip(tokens.tolist(), targets.tolist()):
+        memory = {}
+        for j in range(pairs):
+            key, value = row[2 * j], row[2 * j + 1]
+            assert k_lo <= key < k_hi and v_lo <= value < v_hi and key not in memory
+            memory[key] = value
+        queried = [p for p, t in enumerate(tgt) if t != IGNORE]
+        assert sorted(row[p] for p in queried) == sorted(memory)  # every key asked once
+        for p in queried:
+            assert p >= 2 * pairs and tgt[p] == memory[row[p]] and row[p + 1] == memory[row[p]]
+        others = set(range(2 * pairs, context)) - set(queried) - {p + 1 for p in queried}
+        assert all(row[p] == 0 for p in others)
+
+
+def test_mqar_bad_input():
+    with pytest.raises(ValueError, match="at least 4"):
+        MQARTask(context=16, num_pairs=8)
+    with pytest.raises(ValueError, match="distinct keys"):
+        MQARTask(context=64, num_pairs=8, vocab_size=16)
+
+
+@pytest.mark.parametrize("name", ["xlstm[1:0]", "xlstm[0:1]", "xlstm[1:1]", "lstm", "reslstm", "transformer"])
+def test_zoo_models_carry_state(name):
+    """Prefill then continue with the state equals one pass (the recurrent models' contract)."""
+    torch.manual_seed(0)
+    model = build_model(name, 11, width=32, num_blocks=2).double()
+    ids = torch.randint(0, 11, (2, 9))
+    full = model(ids)
+    head, state = model(ids[:, :5], return_state=True)
+    tail = model(ids[:, 5:], state=state)
+    torch.testing.assert_close(torch.cat([head, tail], 1), full)
+
+
+def test_zoo_block_layout():
+    assert build_model("xLSTM[1:1]", 4).config.slstm_at == [1]
+    assert build_model("xlstm[0:1]", 4).config.slstm_at == [0, 1]
+    assert build_model("xlstm[1:0]", 4).config.slstm_at == []
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("mamba", 4)
+
+
+TINY = dict(width=16, steps=3, batch_size=8, train_max_len=6, test_min_len=7, test_max_len=9, eval_batches=1,
+            eval_batch_size=4, mqar_context=16, mqar_pairs=2, mqar_vocab=16)
+
+
+def test_tiny_grid_end_to_end_and_resume(tmp_path):
+    """One task per model (parity for all five, MQAR for one), then a rerun that skips them all."""
+    models = ["xlstm[1:0]", "xlstm[0:1]", "xlstm[1:1]", "lstm", "transformer"]
+    specs = grid_specs(["parity"], models, [0], **TINY) + grid_specs(["mqar"], ["xlstm[1:0]"], [0], **TINY)
+    logs = []
+    rows = run_grid(specs, tmp_path, log=logs.append)
+    assert len(rows) == 6
+    saved = read_results(tmp_path / "results.csv")
+    assert [(r["task"], r["model"]) for r in saved] == [(s.task, s.model) for s in specs]
+    for r in saved:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0 and int(r["steps_done"]) == 3
+    table = (tmp_path / "results.md").read_text()
+    for m in models:
+        assert f"| {m} |" in table
+    assert "parity" in table and "mqar(T=16,N=2,V=16)" in table
+    assert (tmp_path / "heatmap.png").stat().st_size > 1000
+    assert run_grid(specs, tmp_path, log=logs.append) == []  # resumed: nothing left to run
+    more = run_grid(grid_specs(["parity"], ["xlstm[1:0]"], [1], **TINY), tmp_path, log=logs.append)
+    assert len(more) == 1 and len(read_results(tmp_path / "results.csv")) == 7
+    assert "(n=2)" in (tmp_path / "results.md").read_text()
+
+
+def test_cli_grid_report_and_errors(tmp_path, capsys):
+    out = str(tmp_path / "g")
+    args = ["grid", "--tasks", "even_pairs", "--models", "xlstm[1:1]", "--width", "16", "--steps", "2",
+            "--batch-size", "4", "--train-max-len", "5", "--test-lengths", "6-8", "--eval-batches", "1",
+            "--eval-batch-size", "4", "--out", out]
+    assert cli_main(args) == 0
+    assert cli_main(["report", "--out", out]) == 0
+    assert "| xlstm[1:1] |" in capsys.readouterr().out
+    assert cli_main(["grid", "--tasks", "palindrome", "--out", out]) == 2
+    assert cli_main(["grid", "--tasks", "mqar", "--mqar-context", "8", "--out", out]) == 2
+    assert cli_main(["grid", "--test-lengths", "9", "--out", out]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_tiny_ablation(tmp_path):
+    rows = run_ablation(["lstm", "reslstm", "xlstm[0:1]", "xlstm[7:1]"], tmp_path, log=lambda _: None,
+                        width=16, num_blocks=2, seq_len=16, batch_size=2, steps=2, eval_tokens=64,
+                        max_bytes=200_000)
+    assert [r["model"] for r in rows] == ["lstm", "reslstm", "xlstm[0:1]", "xlstm[7:1]"]
+    for r in rows:
+        assert 0.0 < r["val_bpb"] < 12.0
+    table = (tmp_path / "ablation.md").read_text()
+    assert "+ matrix memory" in table and table.count("\n|") == 6
+    assert ablation_table(read_results(tmp_path / "ablation.csv")) in table
+    again = run_ablation(["lstm"], tmp_path, log=lambda _: None, width=16, num_blocks=2, seq_len=16, batch_size=2,
+                         steps=2, eval_tokens=64, max_bytes=200_000)
+    assert again == []  # resumed: the rung is already in ablation.csv
