@@ -89,8 +89,8 @@ class xLSTMLM(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise TypeError(f"xLSTMLM: input_ids must be an integer tensor (B, S), got {got}")
-        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"xLSTMLM: input_ids must have shape (B, S) with S >= 1, got {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"xLSTMLM: input_ids must have shape (B, S) with B, S >= 1, got {tuple(input_ids.shape)}")
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"xLSTMLM: token ids must lie in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
