@@ -6,11 +6,12 @@ Same maths as ``recurrent.py`` / ``fused.py`` (see ``common.py`` for layouts): p
 no gradient through m. Gate maths and states are float32 whatever the dtype of x.
 
 One program owns a tile of BB batch rows (BB >= 16, the smallest ``tl.dot`` side) and one head, and runs
-every time step. Each step multiplies h_{t-1} (BB, d) by the head's R block (d, 4d) in tiles of KC rows
-of R (the block stays hot in L1/L2; d up to 256 would not fit in registers), reading h_{t-1} back from the
-sequence of hidden states the kernel writes (HS, (S+1, B, E) float32) after a CTA barrier (loads of data
-written in the same launch bypass L1: cache modifier ".cg"). The forward
-keeps per step the states c, n, m, h and the gate pre-activations for the backward.
+every time step. Each step multiplies h_{t-1} (BB, d) by the head's R block (d, 4d), one gate at a time
+in tiles of KC rows of R (the block stays hot in L1/L2; d up to 256 would not fit in registers), reading
+h_{t-1} back from the sequence of hidden states the kernel writes (HS, (S+1, B, E) float32) after a CTA
+barrier; loads of data written in the same launch bypass L1 (cache modifier ".cg"). Values that cross
+threads or steps (pre-activations, c, n, m) go through the buffers the backward needs anyway (PRE, CS, NS,
+MS), which keeps few registers live: at d = 256 a register-resident step would spill.
 
 The backward walks the sequence in reverse in the same layout: the per-step gate gradients (the gradient
 of x) and dh_{t-1} = R (gate gradients), exchanged through a double buffer (2, B, E) and a barrier. The
@@ -30,25 +31,6 @@ from .fused import slstm_fused
 
 
 @triton.jit
-def _rh_tile(HSRC, R, acc_i, acc_f, acc_z, acc_o, rows, mb, head, k0, D, E,
-             DP: tl.constexpr, KC: tl.constexpr, PREC: tl.constexpr):
-    """acc_g += h[:, k0:k0+KC] @ R[head, k0:k0+KC, g, :] for the four gates; h read from HSRC (B, E)."""
-    offs_k = k0 + tl.arange(0, KC)
-    mk = offs_k < D
-    offs_o = tl.arange(0, DP)
-    mo = offs_o < D
-    hk = tl.load(HSRC + rows[:, None] * E + head * D + offs_k[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
-                 cache_modifier=".cg")
-    r_off = ((head * D + offs_k[:, None]) * 4) * D + offs_o[None, :]
-    r_mask = mk[:, None] & mo[None, :]
-    acc_i += mm32(hk, tl.load(R + r_off, mask=r_mask, other=0.0), PREC)
-    acc_f += mm32(hk, tl.load(R + r_off + D, mask=r_mask, other=0.0), PREC)
-    acc_z += mm32(hk, tl.load(R + r_off + 2 * D, mask=r_mask, other=0.0), PREC)
-    acc_o += mm32(hk, tl.load(R + r_off + 3 * D, mask=r_mask, other=0.0), PREC)
-    return acc_i, acc_f, acc_z, acc_o
-
-
-@triton.jit
 def _slstm_fwd(
     X, R, Bias, Y, HS, CS, NS, MS, PRE,
     B, S, D, E,
@@ -56,54 +38,58 @@ def _slstm_fwd(
 ):
     pb = tl.program_id(0)
     head = tl.program_id(1)
-    rows = (pb * BB + tl.arange(0, BB)).to(tl.int64)
+    rows = pb * BB + tl.arange(0, BB)
     mb = rows < B
     offs_o = tl.arange(0, DP)
     mo = offs_o < D
     mask = mb[:, None] & mo[None, :]
     col = head * D + offs_o
     st = rows[:, None] * E + col[None, :]  # (BB, DP) offsets into a (B, E) state
-    bi = tl.load(Bias + col, mask=mo, other=0.0).to(tl.float32)
-    bf = tl.load(Bias + E + col, mask=mo, other=0.0).to(tl.float32)
-    bz = tl.load(Bias + 2 * E + col, mask=mo, other=0.0).to(tl.float32)
-    bo = tl.load(Bias + 3 * E + col, mask=mo, other=0.0).to(tl.float32)
-    c = tl.load(CS + st, mask=mask, other=0.0)
-    n = tl.load(NS + st, mask=mask, other=0.0)
-    m = tl.load(MS + st, mask=mask, other=0.0)
     BE = B * E
     for t in range(S):
-        x_off = (rows[:, None] * S + t) * (4 * E) + col[None, :]
-        acc_i = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32) + bi[None, :]
-        acc_f = tl.load(X + x_off + E, mask=mask, other=0.0).to(tl.float32) + bf[None, :]
-        acc_z = tl.load(X + x_off + 2 * E, mask=mask, other=0.0).to(tl.float32) + bz[None, :]
-        acc_o = tl.load(X + x_off + 3 * E, mask=mask, other=0.0).to(tl.float32) + bo[None, :]
-        for k0 in range(0, D, KC):
-            acc_i, acc_f, acc_z, acc_o = _rh_tile(HS + t * BE, R, acc_i, acc_f, acc_z, acc_o, rows, mb, head, k0,
-                                                  D, E, DP, KC, PREC)
+        t64 = tl.cast(t, tl.int64)
+        HS_t = HS + t64 * BE
+        PRE_t = PRE + t64 * BE * 4
+        X_t = X + t64 * 4 * E
+        # Gate pre-activations one gate at a time (one accumulator live), parked in PRE.
+        pre = rows[:, None] * (4 * E) + col[None, :]
+        x_off = rows[:, None] * (S * 4 * E) + col[None, :]
+        for g in tl.static_range(4):
+            acc = tl.load(X_t + x_off + g * E, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(Bias + g * E + col, mask=mo, other=0.0).to(tl.float32)[None, :]
+            for k0 in range(0, D, KC):
+                offs_k = k0 + tl.arange(0, KC)
+                mk = offs_k < D
+                hk = tl.load(HS_t + rows[:, None] * E + head * D + offs_k[None, :],
+                             mask=mb[:, None] & mk[None, :], other=0.0, cache_modifier=".cg")
+                rt = tl.load(R + ((head * D + offs_k[:, None]) * 4 + g) * D + offs_o[None, :],
+                             mask=mk[:, None] & mo[None, :], other=0.0)
+                acc += mm32(hk, rt, PREC)
+            tl.store(PRE_t + pre + g * E, acc, mask=mask)
+        tl.debug_barrier()
+        p_i = tl.load(PRE_t + pre, mask=mask, other=0.0, cache_modifier=".cg")
+        p_f = tl.load(PRE_t + pre + E, mask=mask, other=0.0, cache_modifier=".cg")
+        c = tl.load(CS + t64 * BE + st, mask=mask, other=0.0, cache_modifier=".cg")
+        n = tl.load(NS + t64 * BE + st, mask=mask, other=0.0, cache_modifier=".cg")
+        m = tl.load(MS + t64 * BE + st, mask=mask, other=0.0, cache_modifier=".cg")
         if EXP_FORGET:
-            logf = acc_f
+            logf = p_f
         else:
-            logf = logsigmoid(acc_f)
-        m_new = tl.where(n == 0.0, acc_i, tl.maximum(acc_i, logf + m))
-        ia = tl.exp(acc_i - m_new)
+            logf = logsigmoid(p_f)
+        m_new = tl.where(n == 0.0, p_i, tl.maximum(p_i, logf + m))
+        ia = tl.exp(p_i - m_new)
         fa = tl.exp(logf + m - m_new)
-        tz = tanh(acc_z)
-        so = sigmoid(acc_o)
+        tz = tanh(tl.load(PRE_t + pre + 2 * E, mask=mask, other=0.0, cache_modifier=".cg"))
+        so = sigmoid(tl.load(PRE_t + pre + 3 * E, mask=mask, other=0.0, cache_modifier=".cg"))
         c = fa * c + ia * tz
         n = fa * n + ia
-        m = m_new
         h = so * c / n
-        nxt = (t + 1) * BE + st
-        tl.store(CS + nxt, c, mask=mask)
-        tl.store(NS + nxt, n, mask=mask)
-        tl.store(MS + nxt, m, mask=mask)
-        pre = (t * BE + rows[:, None] * E) * 4 + col[None, :]
-        tl.store(PRE + pre, acc_i, mask=mask)
-        tl.store(PRE + pre + E, acc_f, mask=mask)
-        tl.store(PRE + pre + 2 * E, acc_z, mask=mask)
-        tl.store(PRE + pre + 3 * E, acc_o, mask=mask)
-        tl.store(Y + (rows[:, None] * S + t) * E + col[None, :], h.to(Y.dtype.element_ty), mask=mask)
-        tl.store(HS + nxt, h, mask=mask)
+        nxt = (t64 + 1) * BE
+        tl.store(CS + nxt + st, c, mask=mask)
+        tl.store(NS + nxt + st, n, mask=mask)
+        tl.store(MS + nxt + st, m_new, mask=mask)
+        tl.store(Y + t64 * E + rows[:, None] * (S * E) + col[None, :], h.to(Y.dtype.element_ty), mask=mask)
+        tl.store(HS + nxt + st, h, mask=mask)
         tl.debug_barrier()
 
 
@@ -115,7 +101,7 @@ def _slstm_bwd(
 ):
     pb = tl.program_id(0)
     head = tl.program_id(1)
-    rows = (pb * BB + tl.arange(0, BB)).to(tl.int64)
+    rows = pb * BB + tl.arange(0, BB)
     mb = rows < B
     offs_o = tl.arange(0, DP)
     mo = offs_o < D
@@ -127,21 +113,23 @@ def _slstm_bwd(
     dn = tl.load(DN + st, mask=mask, other=0.0)
     for tt in range(S):
         t = S - 1 - tt
+        t64 = tl.cast(t, tl.int64)
         dh = tl.load(DHR + ((t + 1) % 2) * BE + st, mask=mask, other=0.0, cache_modifier=".cg")
-        dh += tl.load(DY + (rows[:, None] * S + t) * E + col[None, :], mask=mask, other=0.0).to(tl.float32)
-        pre = (t * BE + rows[:, None] * E) * 4 + col[None, :]
-        p_i = tl.load(PRE + pre, mask=mask, other=0.0)
-        p_f = tl.load(PRE + pre + E, mask=mask, other=0.0)
-        p_z = tl.load(PRE + pre + 2 * E, mask=mask, other=0.0)
-        p_o = tl.load(PRE + pre + 3 * E, mask=mask, other=0.0)
-        cur = (t + 1) * BE + st
-        prv = t * BE + st
-        c_t = tl.load(CS + cur, mask=mask, other=0.0)
-        n_t = tl.load(NS + cur, mask=mask, other=1.0)
-        m_t = tl.load(MS + cur, mask=mask, other=0.0)
-        c_p = tl.load(CS + prv, mask=mask, other=0.0)
-        n_p = tl.load(NS + prv, mask=mask, other=0.0)
-        m_p = tl.load(MS + prv, mask=mask, other=0.0)
+        dh += tl.load(DY + t64 * E + rows[:, None] * (S * E) + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        PRE_t = PRE + t64 * BE * 4
+        pre = rows[:, None] * (4 * E) + col[None, :]
+        p_i = tl.load(PRE_t + pre, mask=mask, other=0.0)
+        p_f = tl.load(PRE_t + pre + E, mask=mask, other=0.0)
+        p_z = tl.load(PRE_t + pre + 2 * E, mask=mask, other=0.0)
+        p_o = tl.load(PRE_t + pre + 3 * E, mask=mask, other=0.0)
+        cur = (t64 + 1) * BE
+        prv = t64 * BE
+        c_t = tl.load(CS + cur + st, mask=mask, other=0.0)
+        n_t = tl.load(NS + cur + st, mask=mask, other=1.0)
+        m_t = tl.load(MS + cur + st, mask=mask, other=0.0)
+        c_p = tl.load(CS + prv + st, mask=mask, other=0.0)
+        n_p = tl.load(NS + prv + st, mask=mask, other=0.0)
+        m_p = tl.load(MS + prv + st, mask=mask, other=0.0)
         if EXP_FORGET:
             logf = p_f
             dlogf = tl.full([BB, DP], 1.0, tl.float32)
@@ -155,27 +143,26 @@ def _slstm_bwd(
         inv_n = 1.0 / n_t
         dc += dh * so * inv_n
         dn -= dh * so * c_t * inv_n * inv_n
-        g_i = tl.where(mask, (dc * tz + dn) * ia, 0.0)
-        g_f = tl.where(mask, (dc * c_p + dn * n_p) * fa * dlogf, 0.0)
-        g_z = tl.where(mask, dc * ia * (1.0 - tz * tz), 0.0)
-        g_o = tl.where(mask, dh * c_t * inv_n * so * (1.0 - so), 0.0)
-        x_off = (rows[:, None] * S + t) * (4 * E) + col[None, :]
-        tl.store(DX + x_off, g_i, mask=mask)
-        tl.store(DX + x_off + E, g_f, mask=mask)
-        tl.store(DX + x_off + 2 * E, g_z, mask=mask)
-        tl.store(DX + x_off + 3 * E, g_o, mask=mask)
+        DX_t = DX + t64 * 4 * E
+        x_off = rows[:, None] * (S * 4 * E) + col[None, :]
+        tl.store(DX_t + x_off, tl.where(mask, (dc * tz + dn) * ia, 0.0), mask=mask)
+        tl.store(DX_t + x_off + E, tl.where(mask, (dc * c_p + dn * n_p) * fa * dlogf, 0.0), mask=mask)
+        tl.store(DX_t + x_off + 2 * E, tl.where(mask, dc * ia * (1.0 - tz * tz), 0.0), mask=mask)
+        tl.store(DX_t + x_off + 3 * E, tl.where(mask, dh * c_t * inv_n * so * (1.0 - so), 0.0), mask=mask)
         dc = dc * fa
         dn = dn * fa
-        # dh_{t-1}[:, k] = sum_g g_g @ R[head, k, g, :]^T, in tiles of KC output units k.
+        tl.debug_barrier()
+        # dh_{t-1}[:, k] = sum_g (gate gradients g) @ R[head, k, g, :]^T, in tiles of KC output units k;
+        # the gate gradients are read back from DX one gate at a time (few registers live).
         for k0 in range(0, D, KC):
             offs_k = k0 + tl.arange(0, KC)
             mk = offs_k < D
-            r_off = ((head * D + offs_k[None, :]) * 4) * D + offs_o[:, None]  # (DP, KC): R^T tile
-            r_mask = mo[:, None] & mk[None, :]
-            acc = mm32(g_i, tl.load(R + r_off, mask=r_mask, other=0.0), PREC)
-            acc += mm32(g_f, tl.load(R + r_off + D, mask=r_mask, other=0.0), PREC)
-            acc += mm32(g_z, tl.load(R + r_off + 2 * D, mask=r_mask, other=0.0), PREC)
-            acc += mm32(g_o, tl.load(R + r_off + 3 * D, mask=r_mask, other=0.0), PREC)
+            acc = tl.zeros([BB, KC], dtype=tl.float32)
+            for g in tl.static_range(4):
+                gg = tl.load(DX_t + x_off + g * E, mask=mask, other=0.0, cache_modifier=".cg")
+                rt = tl.load(R + ((head * D + offs_k[None, :]) * 4 + g) * D + offs_o[:, None],
+                             mask=mo[:, None] & mk[None, :], other=0.0)  # (DP, KC): R^T tile
+                acc += mm32(gg, rt, PREC)
             tl.store(DHR + (t % 2) * BE + rows[:, None] * E + head * D + offs_k[None, :], acc,
                      mask=mb[:, None] & mk[None, :])
         tl.debug_barrier()
@@ -183,10 +170,23 @@ def _slstm_bwd(
     tl.store(DN + st, dn, mask=mask)
 
 
-def _config(B: int, d: int) -> dict:
-    """Batch tile, padded head width and R row-tile for the kernels."""
+def _config(B: int, d: int, backward: bool) -> dict:
+    """Launch parameters: batch tile BB, padded head width DP, R tile KC, warps, no software pipelining.
+
+    Chosen from sm_90 register reports (ptxas) of the two kernels: each (BB, DP) float32 value costs
+    BB * DP / threads registers, and the pointwise phase keeps a dozen of them live, so wide heads need
+    many warps; pipelining the R-tile loads (num_stages > 1) only adds registers to a latency-bound loop.
+    """
     DP = pow2(d, 16)
-    return {"BB": pow2(B, 16, 32), "DP": DP, "KC": min(DP, 32)}
+    if DP <= 32:
+        warps, KC = 4, DP
+    elif DP <= 128:
+        warps, KC = 8, 32
+    elif backward:
+        warps, KC = 8, 32
+    else:
+        warps, KC = 16, 16
+    return {"BB": pow2(B, 16, 32) if DP <= 128 else 16, "DP": DP, "KC": KC, "num_warps": warps, "num_stages": 1}
 
 
 class _SLSTMTritonFn(torch.autograd.Function):
@@ -199,7 +199,7 @@ class _SLSTMTritonFn(torch.autograd.Function):
         E = NH * d
         dev = x.device
         f32 = torch.float32
-        cfg = _config(B, d)
+        cfg = _config(B, d, backward=False)
         prec = dot_config(x.dtype)["PREC"]
         HS = triton_utils.empty(S + 1, B, E, device=dev, dtype=f32)
         CS, NS, MS = (triton_utils.empty(S + 1, B, E, device=dev, dtype=f32) for _ in range(3))
@@ -211,7 +211,7 @@ class _SLSTMTritonFn(torch.autograd.Function):
         Rc = R.contiguous()
         _slstm_fwd[grid](
             x, Rc, b.contiguous(), y, HS, CS, NS, MS, PRE, B, S, d, E,
-            EXP_FORGET=forget_gate == "exp", PREC=prec, num_warps=4 if d <= 64 else 8, **cfg,
+            EXP_FORGET=forget_gate == "exp", PREC=prec, **cfg,
         )
         ctx.save_for_backward(Rc, HS, CS, NS, MS, PRE)
         ctx.meta = (forget_gate, x.dtype, R.dtype, b.dtype)
@@ -228,7 +228,7 @@ class _SLSTMTritonFn(torch.autograd.Function):
         NH, d = Rc.shape[0], Rc.shape[1]
         dev = HS.device
         f32 = torch.float32
-        cfg = _config(B, d)
+        cfg = _config(B, d, backward=True)
         prec = dot_config(x_dtype)["PREC"]
         dy = torch.zeros(B, S, E, device=dev, dtype=f32) if dy is None else dy.contiguous()
         DHR = torch.zeros(2, B, E, device=dev, dtype=f32)
@@ -240,7 +240,7 @@ class _SLSTMTritonFn(torch.autograd.Function):
         grid = (triton.cdiv(B, cfg["BB"]), NH)
         _slstm_bwd[grid](
             Rc, dy, HS, CS, NS, MS, PRE, DX, DHR, DC, DN, B, S, d, E,
-            EXP_FORGET=forget_gate == "exp", PREC=prec, num_warps=4 if d <= 64 else 8, **cfg,
+            EXP_FORGET=forget_gate == "exp", PREC=prec, **cfg,
         )
         h_prev = HS[:S].reshape(S, B, NH, d)
         g_all = DX.view(B, S, 4, NH, d)
@@ -259,6 +259,9 @@ def slstm_triton(x, R, b, state: sLSTMState, forget_gate: str = "sigmoid") -> tu
     """
     if x.dtype == torch.float64:
         return slstm_fused(x, R.double(), b.double(), sLSTMState(*(t.double() for t in state)), forget_gate)
+    if x.numel() >= 2**31:
+        raise ValueError("slstm_triton: x must have fewer than 2**31 elements (32-bit in-tile offsets); "
+                         "split the batch")
     x = x.contiguous()
     h0, c0, n0, m0 = (t.to(device=x.device, dtype=torch.float32) for t in state)
     y, h, c, n, m = _SLSTMTritonFn.apply(x, R, b, h0, c0, n0, m0.detach(), forget_gate)
