@@ -59,13 +59,17 @@ def test_formal_labels_match_brute_force(name, n):
     tokens, targets = task.sample(256, n, torch.Generator().manual_seed(n))
     assert tokens.shape == targets.shape and tokens.dtype == targets.dtype == torch.int64
     m = int((targets != IGNORE).sum(1)[0])
-    assert m == (tokens.shape[1] - m if task.sequence_output else 1)
-    assert tokens.shape[1] - m == (n - 1 + n % 2 if name == "mod_arith" else n)
+    n_in = n - 1 + n % 2 if name == "mod_arith" else n  # an expression has an odd number of tokens
+    if task.sequence_output:
+        assert m == n_in and tokens.shape[1] == 2 * n_in
+    else:
+        assert m == 1 and tokens.shape[1] == n_in
     for row_tokens, row_targets in zip(tokens.tolist(), targets.tolist()):
-        x, tail = row_tokens[:-m], row_tokens[-m:]
+        x = row_tokens[:n_in]
         assert all(0 <= t < task.num_symbols for t in x)
-        assert tail == [task.sep] + [task.blank] * (m - 1)
-        assert row_targets[:-m] == [IGNORE] * len(x)
+        if task.sequence_output:
+            assert row_tokens[n_in:] == [task.sep] + [task.blank] * (n_in - 1)
+        assert row_targets[:-m] == [IGNORE] * (len(row_tokens) - m)
         assert row_targets[-m:] == list(BRUTE[name](x))
         assert all(0 <= y < task.num_classes for y in row_targets[-m:])
 
@@ -87,9 +91,8 @@ def test_formal_prefix_labels_match_brute_force(name):
     tokens, targets = task.sample(64, 13, torch.Generator().manual_seed(1), prefix_labels=True)
     plain_tokens, plain_targets = task.sample(64, 13, torch.Generator().manual_seed(1))
     assert torch.equal(tokens, plain_tokens) and torch.equal(targets[:, -1], plain_targets[:, -1])
-    for row_tokens, row_targets in zip(tokens.tolist(), targets.tolist()):
-        x = row_tokens[:-1]
-        assert row_targets[:-1] == [_brute_or_ignore(name, x[: t + 1]) for t in range(len(x))]
+    for x, row_targets in zip(tokens.tolist(), targets.tolist()):
+        assert row_targets == [_brute_or_ignore(name, x[: t + 1]) for t in range(len(x))]
 
 
 def test_formal_labels_are_balanced_enough_to_learn():

@@ -1,19 +1,18 @@
 """Formal-language tasks with exact labels (the paper's state-tracking benchmark, after Delétang et al. 2023).
 
-Every task turns a random input string of length n into a token sequence and its targets:
+Classification tasks (parity, even pairs, cycle navigation, modular arithmetic, majority) are answered at
+the last input token, sequence tasks (bucket sort, repetition) after a separator, without teacher forcing:
 
-    tokens  = x_1 .. x_n   SEP  BLANK * (m - 1)        (B, n + m)
-    targets = IGNORE * n   y_1 .. y_m                   (B, n + m), IGNORE = -100
+    classification  tokens  = x_1 .. x_n                                       (B, n)
+                    targets = IGNORE * (n - 1)  y                              (B, n)
+    sequence        tokens  = x_1 .. x_n   SEP  BLANK * (n - 1)                (B, 2n)
+                    targets = IGNORE * n   y_1 .. y_n                          (B, 2n)
 
-The model reads ``tokens`` causally and is scored on its predictions at the last m positions (SEP and the
-BLANKs, where ``targets`` is not IGNORE): m = 1 for the classification tasks (parity, even pairs, cycle
-navigation, modular arithmetic, majority), m = n for the sequence tasks (bucket sort, repetition), which
-are answered without teacher forcing. Input symbols are ids 0 .. num_symbols-1, then SEP and BLANK; output
-classes are ids 0 .. num_classes-1 of the model's logits (the model's vocabulary is ``vocab_size``).
-
-With ``prefix_labels=True`` (dense supervision for training) a classification task also labels every
-input position t with the label of the prefix x_1 .. x_t (IGNORE where it is undefined: a modular
-expression ending in an operator, a prefix whose majority is tied); the label at SEP is unchanged.
+IGNORE = -100 marks the positions that are not scored. With ``prefix_labels=True`` (dense supervision for
+training, as a recurrent state tracker is trained online) a classification task labels every position t
+with the label of the prefix x_1 .. x_t (IGNORE where it is undefined: a modular expression ending in an
+operator, a prefix whose majority is tied). Input symbols are ids 0 .. num_symbols-1, then SEP and BLANK;
+output classes are ids 0 .. num_classes-1 of the model's logits (its vocabulary is ``vocab_size``).
 
 Labels are computed vectorized here; ``tests/test_experiments.py`` checks each against a brute-force
 Python computation (automata, ``eval``, ``sorted``, ``Counter``).
@@ -50,6 +49,7 @@ class FormalTask:
 
     @property
     def sep(self) -> int:
+        """The separator after a sequence task's input."""
         return self.num_symbols
 
     @property
@@ -71,25 +71,24 @@ class FormalTask:
         return self._label(x)
 
     def sample(self, batch: int, n: int, gen: torch.Generator, prefix_labels: bool = False):
-        """A batch of ``batch`` strings of input length ``n`` -> (tokens, targets), each (B, n + m); targets are
-        IGNORE (-100) on the input positions, or (``prefix_labels``) the prefixes' labels there."""
+        """A batch of ``batch`` strings of input length ``n`` -> (tokens, targets), each (B, n) for classification
+        tasks (the label at the last position; every prefix's with ``prefix_labels``), (B, 2n) for sequence tasks."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"{self.name}: the input length must be a positive integer, got {n!r}")
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"{self.name}: the batch size must be a positive integer, got {batch!r}")
-        if self._label is None:
+        if self._label is None:  # sequence task: x SEP BLANK..., scored after SEP
             x, y = self._draw(batch, n, gen)  # (B, n), (B, n)
+            tail = torch.full_like(y, self.blank)
+            tail[:, 0] = self.sep
+            return torch.cat([x, tail], dim=1), torch.cat([torch.full_like(x, IGNORE), y], dim=1)
+        x = self._draw(batch, n, gen)  # (B, n)
+        if prefix_labels:
+            targets = torch.stack([self._label(x[:, : t + 1]) for t in range(x.shape[1])], dim=1)  # (B, n)
         else:
-            x = self._draw(batch, n, gen)  # (B, n)
-            y = self._label(x)[:, None]  # (B, 1)
-        m = y.shape[1]
-        tail = torch.full((batch, m), self.blank, dtype=torch.long)
-        tail[:, 0] = self.sep
-        if prefix_labels and self._label is not None:
-            head = torch.stack([self._label(x[:, : t + 1]) for t in range(x.shape[1])], dim=1)  # (B, n)
-        else:
-            head = torch.full_like(x, IGNORE)
-        return torch.cat([x, tail], dim=1), torch.cat([head, y], dim=1)
+            targets = torch.full_like(x, IGNORE)
+            targets[:, -1] = self._label(x)
+        return x, targets
 
     def scaled_accuracy(self, accuracy: float) -> float:
         """(acc - chance) / (1 - chance): 0 is chance, 1 is perfect (negative: worse than chance)."""
