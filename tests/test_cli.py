@@ -51,7 +51,7 @@ def test_baselines_train_with_the_same_loop(arch, corpus, tmp_path):
     assert json.loads((tmp_path / arch / "summary.json").read_text())["arch"] == arch
 
 
-def test_token_file_and_bpe(corpus, tmp_path):
+def test_token_files(tmp_path):
     ids = np.random.default_rng(0).integers(0, 300, size=5000).astype(np.uint16)
     np.save(tmp_path / "tokens.npy", ids)
     assert main(tiny_args("lstm", tmp_path / "tokens.npy", tmp_path / "npy")) == 0
@@ -59,6 +59,10 @@ def test_token_file_and_bpe(corpus, tmp_path):
     assert main(tiny_args("lstm", tmp_path / "tokens.bin", tmp_path / "bin")) == 0
     cfg = json.loads((tmp_path / "bin" / "ckpt-000004" / "config.json").read_text())
     assert cfg["model"]["vocab_size"] == 300
+
+
+def test_bpe_tokenizer(corpus, tmp_path):
+    pytest.importorskip("tokenizers")
     assert main(tiny_args("transformer", corpus, tmp_path / "bpe", extra=["--tokenizer", "bpe:300"])) == 0
     assert (tmp_path / "bpe" / "ckpt-000004" / "tokenizer.json").is_file()
     assert main(["generate", "--checkpoint", str(tmp_path / "bpe"), "--prompt", "def", "--max-new-tokens", "3"]) == 0
