@@ -66,6 +66,7 @@ else:
         (1, 2, 33, 16, 32, 3.0, 16, True),
         (1, 2, 40, 20, 70, 50.0, 16, True),
         (1, 1, 45, 72, 130, 3.0, 20, True),  # several d_qk and d_v tiles; chunk 20 runs as 32
+        (1, 1, 70, 40, 72, 3.0, 64, True),  # 64-token chunks: the launch configuration used on GPUs
     ]
 
 
