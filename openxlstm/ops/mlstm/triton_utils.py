@@ -67,8 +67,11 @@ def mm32(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def logsigmoid(x):
-    """log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|)), finite for every finite x."""
-    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+    """log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)), finite for every finite x; log1p(e) by its series
+    e - e^2/2 + e^3/3 where e < 1e-3 (log(1 + e) would lose e's digits: log f of open gates matters)."""
+    e = tl.exp(-tl.abs(x))
+    l1p = tl.where(e < 1e-3, e * (1.0 - e * (0.5 - e * (1.0 / 3.0))), tl.log(1.0 + e))
+    return tl.minimum(x, 0.0) - l1p
 
 
 @triton.jit
