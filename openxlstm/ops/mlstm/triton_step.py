@@ -27,7 +27,7 @@ def _mlstm_step_kernel(
     DQK, DV, scale, eps,
     HAS_STATE: tl.constexpr, M_FLOOR: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)
     pv = tl.program_id(1)
     ig = tl.load(I + bh).to(tl.float32)
     logf = logsigmoid(tl.load(F + bh).to(tl.float32))
