@@ -1,8 +1,9 @@
 """Small helpers shared by the Triton kernels of openxlstm (mLSTM chunkwise, mLSTM step, sLSTM).
 
 * ``INTERPRET``: True when the kernels run under the Triton CPU interpreter (``TRITON_INTERPRET=1``).
-  The interpreter multiplies bfloat16 matrices as raw uint16 words (wrong results), so under it every
-  ``tl.dot`` runs on float32 operands; on a GPU half-precision inputs use tensor-core half dots.
+  The interpreter multiplies bfloat16 matrices as raw uint16 words (wrong results), so under it bfloat16
+  dots run on float32 operands; float16 inputs keep their half dots there (which tests that code path);
+  on a GPU half-precision inputs use tensor-core half dots.
 * ``dot_config(dtype)``: the two compile-time switches every kernel takes, ``HALF_DOT`` (multiply
   input-dtype operands in their own half dtype) and ``PREC`` (the precision of float32 dots: exact
   "ieee" for float32 inputs, so float32 results match a float32 reference; "tf32" for half inputs).
@@ -31,7 +32,7 @@ def dot_config(dtype: torch.dtype) -> dict:
     """Compile-time dot switches for inputs of ``dtype``: HALF_DOT, DOT_DT (tl dtype), PREC."""
     half = dtype in (torch.bfloat16, torch.float16)
     return {
-        "HALF_DOT": half and not INTERPRET,
+        "HALF_DOT": dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRET),
         "DOT_DT": _TL_DTYPES.get(dtype, tl.float32),
         "PREC": "tf32" if half else "ieee",
     }
