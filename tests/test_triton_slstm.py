@@ -46,7 +46,9 @@ def run(backend, inputs, state, dtype, forget_gate):
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
     st = None if state is None else tuple(t.to(DEV, sdt).requires_grad_(j < 3) for j, t in enumerate(state))
     y, (h, c, n, m) = slstm(*leaves, st, forget_gate=forget_gate, backend=backend, return_state=True)
-    w = torch.linspace(-1, 1, y.shape[-1], dtype=torch.float32, device=DEV)
+    # output weights exact in bfloat16, so that the incoming gradient of a half-precision y is not
+    # rounded (its dot with y cancels, which would measure the rounding of the weights, not the kernel)
+    w = torch.linspace(-1, 1, y.shape[-1], device=DEV).to(torch.bfloat16).float()
     loss = (y.float() * w).sum() + h.sum() * 0.3 + c.sum() * 0.1 + n.sum() * 0.2
     params = leaves + ([] if st is None else list(st[:3]))
     grads = torch.autograd.grad(loss, params)
