@@ -9,7 +9,7 @@ from openxlstm.experiments import IGNORE, TASKS, MQARTask, build_model, get_task
 from openxlstm.experiments.ablation import ablation_table, run_ablation
 from openxlstm.experiments.cli import main as cli_main
 from openxlstm.experiments.formal import CYCLE, MOD, OPS
-from openxlstm.experiments.runner import grid_specs, read_results, run_grid
+from openxlstm.experiments.runner import grid_specs, read_results, run_grid, write_report
 
 LENGTHS = (1, 2, 3, 8, 41)
 
@@ -182,6 +182,7 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path):
     more = run_grid(grid_specs(["parity"], ["xlstm[1:0]"], [1], **TINY), tmp_path, log=logs.append)
     assert len(more) == 1 and len(read_results(tmp_path / "results.csv")) == 7
     assert "(n=2)" in (tmp_path / "results.md").read_text()
+    assert write_report(tmp_path, log=logs.append, aggregate="max") is not None
 
 
 def test_cli_grid_report_and_errors(tmp_path, capsys):
@@ -190,7 +191,7 @@ def test_cli_grid_report_and_errors(tmp_path, capsys):
             "--batch-size", "4", "--train-max-len", "5", "--test-lengths", "6-8", "--eval-batches", "1",
             "--eval-batch-size", "4", "--out", out]
     assert cli_main(args) == 0
-    assert cli_main(["report", "--out", out]) == 0
+    assert cli_main(["report", "--out", out, "--aggregate", "max"]) == 0
     assert "| xlstm[1:1] |" in capsys.readouterr().out
     assert cli_main(["grid", "--tasks", "palindrome", "--out", out]) == 2
     assert cli_main(["grid", "--tasks", "mqar", "--mqar-context", "8", "--out", out]) == 2

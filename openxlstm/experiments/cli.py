@@ -82,6 +82,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="rewrite results.md and heatmap.png from a grid's results.csv")
     r.add_argument("--out", required=True, help="the grid's output folder")
+    r.add_argument("--aggregate", choices=("mean", "max"), default="mean", help="heat-map: mean or max over seeds")
     return p
 
 
@@ -96,7 +97,7 @@ def run(args) -> int:
     """Run the parsed ``experiment`` command; bad input raises UserError."""
     try:
         if args.experiment == "report":
-            return 0 if write_report(args.out) is not None else 1
+            return 0 if write_report(args.out, aggregate=args.aggregate) is not None else 1
         _check_positive(args, ["width", "num_blocks", "steps", "batch_size", "lr", "threads", "max_minutes"])
         torch.set_num_threads(args.threads)
         max_seconds = None if args.max_minutes is None else 60 * args.max_minutes

@@ -253,7 +253,7 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Models x tasks, mean score over seeds (± std and the number of seeds when there are several)."""
+    """Models x tasks: the score, or with several seeds "mean ± std, max M (n=k)"."""
     models, tasks, cells = summarize(rows)
     lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for m in models:
@@ -267,13 +267,16 @@ def markdown_table(rows: list[dict]) -> str:
             else:
                 mean = sum(v) / len(v)
                 std = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
-                out.append(f"{mean:.2f} ± {std:.2f} (n={len(v)})")
+                out.append(f"{mean:.2f} ± {std:.2f}, max {max(v):.2f} (n={len(v)})")
         lines.append(f"| {m} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
 
-def heatmap(rows: list[dict], path: Union[str, Path], title: str = "") -> None:
-    """A models x tasks heat-map of the mean score (0 = chance, 1 = perfect), like the paper's figure."""
+def heatmap(rows: list[dict], path: Union[str, Path], title: str = "", aggregate: str = "mean") -> None:
+    """A models x tasks heat-map of the score over seeds (``aggregate`` "mean" or "max"; 0 = chance,
+    1 = perfect), like the paper's figure."""
+    if aggregate not in ("mean", "max"):
+        raise ValueError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,7 +289,7 @@ def heatmap(rows: list[dict], path: Union[str, Path], title: str = "") -> None:
         for j, t in enumerate(tasks):
             v = cells.get((m, t))
             if v:
-                grid[i, j] = sum(v) / len(v)
+                grid[i, j] = max(v) if aggregate == "max" else sum(v) / len(v)
     fig, ax = plt.subplots(figsize=(1.1 * len(tasks) + 2.5, 0.55 * len(models) + 1.8))
     ax.imshow(np.clip(grid, 0, 1), cmap="RdYlBu", vmin=0, vmax=1, aspect="auto")
     for i in range(len(models)):
@@ -295,14 +298,15 @@ def heatmap(rows: list[dict], path: Union[str, Path], title: str = "") -> None:
                 ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=9)
     ax.set_xticks(range(len(tasks)), [t.replace("(", "\n(") for t in tasks], rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(models)), models, fontsize=9)
-    ax.set_title(title or "scaled accuracy (formal languages) / accuracy (MQAR)", fontsize=10)
+    ax.set_title(title or f"scaled accuracy (formal languages) / accuracy (MQAR), {aggregate} over seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_report(out_dir: Union[str, Path], log: Callable[[str], None] = print) -> Optional[str]:
-    """``results.md`` and ``heatmap.png`` from ``out_dir/results.csv``; returns the table (None if empty)."""
+def write_report(out_dir: Union[str, Path], log: Callable[[str], None] = print, aggregate: str = "mean") -> Optional[str]:
+    """``results.md`` and ``heatmap.png`` (``aggregate`` over seeds: "mean" or "max") from
+    ``out_dir/results.csv``; returns the table (None if empty)."""
     out_dir = Path(out_dir)
     rows = read_results(out_dir / "results.csv")
     if not rows:
@@ -311,10 +315,10 @@ def write_report(out_dir: Union[str, Path], log: Callable[[str], None] = print) 
     table = markdown_table(rows)
     settings = sorted({", ".join(f"{k}={r[k]}" for k in _SETTING_FIELDS) for r in rows})
     text = ("# Results\n\nScore: formal languages, accuracy on test lengths scaled so that 0 is chance and 1 "
-            "perfect; MQAR, accuracy on the queried values. Mean over seeds.\n\n" + table + "\n\nSettings: "
+            "perfect; MQAR, accuracy on the queried values. Several seeds: mean ± std, max (n).\n\n" + table + "\n\nSettings: "
             + "; ".join(settings) + "\n")
     (out_dir / "results.md").write_text(text)
-    heatmap(rows, out_dir / "heatmap.png")
+    heatmap(rows, out_dir / "heatmap.png", aggregate=aggregate)
     log(table)
     log(f"wrote {out_dir / 'results.md'} and {out_dir / 'heatmap.png'}")
     return table
