@@ -232,14 +232,10 @@ def cmd_eval(args) -> int:
         raise UserError(f"context {longest} is larger than the evaluation data ({len(tokens):,} tokens); "
                         f"use --split all, more data or shorter contexts")
     print(f"{meta['arch']} checkpoint {meta['path']} (step {meta.get('step')}); data: {data.description}")
-    rows = evaluate_contexts(model, tokens, contexts, max_tokens=args.max_tokens, device=model_device(model),
-                             bytes_per_token=data.bytes_per_token)
+    rows = evaluate_contexts(model, tokens, contexts, max_tokens=args.max_tokens,
+                             device=next(model.parameters()).device, bytes_per_token=data.bytes_per_token)
     print(format_table(rows))
     return 0
-
-
-def model_device(model):
-    return next(model.parameters()).device
 
 
 def cmd_plot(args) -> int:
