@@ -60,7 +60,7 @@ for half in (True, False):
         build(ms._mlstm_step_kernel, dict(HAS_STATE=True, M_FLOOR=-10.0, BK=32, BV=32), half, 4)
         for d in (64, 256):
             for bwd, fn in ((False, st._slstm_fwd), (True, st._slstm_bwd)):
-                c = st._config(16, d, backward=bwd)
+                c = st._config(d, backward=bwd)
                 nw, ns = c.pop("num_warps"), c.pop("num_stages")
                 build(fn, dict(EXP_FORGET=bwd, PREC=cfg["PREC"], **c), half, nw, ns)
 '''

@@ -11,7 +11,8 @@ in tiles of KC rows of R (the block stays hot in L1/L2; d up to 256 would not fi
 h_{t-1} back from the sequence of hidden states the kernel writes (HS, (S+1, B, E) float32) after a CTA
 barrier; loads of data written in the same launch bypass L1 (cache modifier ".cg"). Values that cross
 threads or steps (pre-activations, c, n, m) go through the buffers the backward needs anyway (PRE, CS, NS,
-MS), which keeps few registers live: at d = 256 a register-resident step would spill.
+MS), which keeps register pressure down (sm_90 ptxas: a register-resident step at d = 256 spills several
+KB per thread; this layout a few hundred bytes; tuning on a GPU is pending).
 
 The backward walks the sequence in reverse in the same layout: the per-step gate gradients (the gradient
 of x) and dh_{t-1} = R (gate gradients), exchanged through a double buffer (2, B, E) and a barrier. The
@@ -170,8 +171,9 @@ def _slstm_bwd(
     tl.store(DN + st, dn, mask=mask)
 
 
-def _config(B: int, d: int, backward: bool) -> dict:
-    """Launch parameters: batch tile BB, padded head width DP, R tile KC, warps, no software pipelining.
+def _config(d: int, backward: bool) -> dict:
+    """Launch parameters: batch tile BB (16: more batch tiles, more programs), padded head width DP, R tile
+    KC, warps, no software pipelining.
 
     Chosen from sm_90 register reports (ptxas) of the two kernels: each (BB, DP) float32 value costs
     BB * DP / threads registers, and the pointwise phase keeps a dozen of them live, so wide heads need
@@ -186,7 +188,7 @@ def _config(B: int, d: int, backward: bool) -> dict:
         warps, KC = 8, 32
     else:
         warps, KC = 16, 16
-    return {"BB": pow2(B, 16, 32) if DP <= 128 else 16, "DP": DP, "KC": KC, "num_warps": warps, "num_stages": 1}
+    return {"BB": 16, "DP": DP, "KC": KC, "num_warps": warps, "num_stages": 1}
 
 
 class _SLSTMTritonFn(torch.autograd.Function):
@@ -199,7 +201,7 @@ class _SLSTMTritonFn(torch.autograd.Function):
         E = NH * d
         dev = x.device
         f32 = torch.float32
-        cfg = _config(B, d, backward=False)
+        cfg = _config(d, backward=False)
         prec = dot_config(x.dtype)["PREC"]
         HS = triton_utils.empty(S + 1, B, E, device=dev, dtype=f32)
         CS, NS, MS = (triton_utils.empty(S + 1, B, E, device=dev, dtype=f32) for _ in range(3))
@@ -228,7 +230,7 @@ class _SLSTMTritonFn(torch.autograd.Function):
         NH, d = Rc.shape[0], Rc.shape[1]
         dev = HS.device
         f32 = torch.float32
-        cfg = _config(B, d, backward=True)
+        cfg = _config(d, backward=True)
         prec = dot_config(x_dtype)["PREC"]
         dy = torch.zeros(B, S, E, device=dev, dtype=f32) if dy is None else dy.contiguous()
         DHR = torch.zeros(2, B, E, device=dev, dtype=f32)
