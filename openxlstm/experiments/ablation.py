@@ -125,10 +125,10 @@ def ablation_table(rows: list[dict]) -> str:
     """The ladder as a markdown table, rungs in ladder order."""
     order = {m: j for j, m in enumerate(LADDER)}
     rows = sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"], int(r["seed"])))
-    lines = ["| rung | model | params | steps | tokens | val bits/byte |", "|---|---|---|---|---|---|"]
+    lines = ["| rung | model | width x blocks | params | steps | tokens | val bits/byte |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         label = LADDER_LABELS.get(r["model"], r["model"])
-        lines.append(f"| {label} | {r['model']} | {int(r['params']):,} | {r['steps_done']} | "
+        lines.append(f"| {label} | {r['model']} | {r['width']} x {r['num_blocks']} | {int(r['params']):,} | {r['steps_done']} | "
                      f"{int(r['tokens_seen']):,} | {float(r['val_bpb']):.4f} |")
     return "\n".join(lines)
 
