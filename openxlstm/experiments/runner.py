@@ -157,7 +157,7 @@ def run_cell(spec: CellSpec, max_seconds: Optional[float] = None,
     train_seconds = time.time() - start
 
     eval_gen = torch.Generator().manual_seed(10_000 + spec.seed)
-    train_acc = evaluate(model, task, spec, eval_gen, 1, spec.train_max_len, max(1, spec.eval_batches // 4))
+    train_acc = evaluate(model, task, spec, eval_gen, 1, spec.train_max_len, spec.eval_batches)
     acc = evaluate(model, task, spec, eval_gen, spec.test_min_len, spec.test_max_len, spec.eval_batches)
     scaled = (acc - task.chance) / (1.0 - task.chance)
     row = asdict(spec)
