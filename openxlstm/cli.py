@@ -1,4 +1,4 @@
-"""The ``openxlstm`` command: ``train``, ``generate``, ``eval`` and ``plot``.
+"""The ``openxlstm`` command: ``train``, ``generate``, ``eval``, ``plot`` and ``experiment``.
 
 Bad input (a missing or corrupt checkpoint, empty data, a mismatched vocabulary, impossible flags) ends
 with one line ``error: ...`` on stderr and exit status 2, never a traceback.
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
+from .experiments import cli as experiments_cli
 
 # flags whose value is fixed by the checkpoint when resuming
 _MODEL_FIELDS = ("arch", "model", "preset", "size", "data", "tokenizer", "val_fraction", "bin_dtype")
@@ -29,8 +30,7 @@ def _positive_int(text: str) -> int:
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a language model (no arguments: a small byte-level xLSTM on a "
-                                     "built-in corpus, ~8 minutes on 2 CPU cores)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "built-in corpus, ~5 minutes on 2 CPU cores)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=["xlstm", "lstm", "transformer"], help="architecture (default xlstm)")
     g.add_argument("--config", help="model config: a JSON file or inline JSON of the architecture's config fields")
@@ -103,12 +103,13 @@ def _plot_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openxlstm", description="Train xLSTM language models, generate, evaluate.")
+    parser = argparse.ArgumentParser(prog="openxlstm", description="Train xLSTM language models, generate, evaluate, and run the paper's experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _gen_parser(sub)
     _eval_parser(sub)
     _plot_parser(sub)
+    experiments_cli.add_parser(sub)
     return parser
 
 
@@ -253,7 +254,8 @@ def cmd_plot(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot,
+            "experiment": experiments_cli.run}
 
 
 def main(argv=None) -> int:

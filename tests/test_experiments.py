@@ -199,6 +199,21 @@ def test_cli_grid_report_and_errors(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_main_cli_runs_experiments(tmp_path, capsys):
+    """``openxlstm experiment ...`` is the same command as ``python -m openxlstm.experiments ...``."""
+    from openxlstm.cli import main as openxlstm_main
+
+    out = str(tmp_path / "g")
+    args = ["experiment", "grid", "--tasks", "parity", "--models", "xlstm[0:1]", "--width", "16", "--steps", "2",
+            "--batch-size", "4", "--train-max-len", "5", "--test-lengths", "6-8", "--eval-batches", "1",
+            "--eval-batch-size", "4", "--out", out]
+    assert openxlstm_main(args) == 0
+    assert read_results(tmp_path / "g" / "results.csv")[0]["model"] == "xlstm[0:1]"
+    assert "| xlstm[0:1] |" in (tmp_path / "g" / "results.md").read_text()
+    assert openxlstm_main(["experiment", "grid", "--width", "0", "--out", out]) == 2
+    assert "error: --width must be positive" in capsys.readouterr().err
+
+
 def test_tiny_ablation(tmp_path):
     rows = run_ablation(["lstm", "reslstm", "xlstm[0:1]", "xlstm[7:1]"], tmp_path, log=lambda _: None,
                         width=16, num_blocks=2, seq_len=16, batch_size=2, steps=2, eval_tokens=64,
