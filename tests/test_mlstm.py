@@ -179,3 +179,26 @@ def test_bad_inputs_name_the_tensor():
         mlstm(q, k, v, i, f, backend="cuda")
     with pytest.raises(ValueError, match=r"chunk_size"):
         mlstm(q, k, v, i, f, chunk_size=0)
+
+
+def test_exp_flushed_zeroes_only_weights_far_below_rounding():
+    from openxlstm.ops.mlstm.common import exp_flushed
+
+    for dtype, cut in ((torch.float32, -43.67), (torch.float64, -354.198)):
+        x = torch.tensor([0.0, -1.0, -30.0, cut + 0.1, cut - 0.1, -1000.0, float("-inf")], dtype=dtype)
+        y = exp_flushed(x)
+        assert torch.equal(y[:4], torch.exp(x[:4])) and torch.all(y[4:] == 0)
+        assert y[3] < torch.finfo(dtype).eps ** 2  # what is dropped is far below rounding of sums whose top is 1
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunkwise"])
+def test_strongly_closing_forget_gates_match_float64(form):
+    """Forget gates near 0 drive the decay weights toward subnormal numbers, which the parallel and chunkwise
+    forms flush to zero; float32 results must still match the float64 recurrent reference."""
+    inputs, state = make_inputs(2, 2, 200, 8, 8, dtype=torch.float64, gate_scale=1.0, seed=3, with_state=True)
+    q, k, v, i, f = inputs
+    inputs = (q, k, v, i, f - 6.0)  # log sigmoid(f) around -4: exp(cumsum) underflows within ~25 steps
+    ref = run("recurrent", inputs, state)
+    got = run(form, [t.float() for t in inputs], tuple(t.float() for t in state), chunk_size=128)
+    for name in ("h", "C", "n", "dq", "dk", "dv", "di", "df", "dC0", "dn0"):
+        assert rel_err(got[name].double(), ref[name]) < 1e-4, name

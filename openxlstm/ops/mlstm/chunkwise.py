@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import M_FLOOR, mLSTMState
+from .common import M_FLOOR, exp_flushed, mLSTMState
 
 _PAD_I = -1e30  # input-gate value of padding tokens: exp(_PAD_I - m) == 0 in any float dtype we compute in
 
@@ -48,7 +48,7 @@ def mlstm_chunkwise(
     # Chunk-level state updates: contribution of each chunk's keys/values, stabilized by its own max.
     u = g[..., None] - b + i  # (B, NH, NC, L) log weight of token s in the state at chunk end
     mu = u.detach().max(dim=-1).values  # (B, NH, NC)
-    kv1 = (k * torch.exp(u - mu[..., None])[..., None]).transpose(-1, -2) @ v1  # (B, NH, NC, d_qk, d_v + 1)
+    kv1 = (k * exp_flushed(u - mu[..., None])[..., None]).transpose(-1, -2) @ v1  # (B, NH, NC, d_qk, d_v + 1)
 
     # Sequential recurrence over chunks: the state at the start of every chunk, and the final state.
     starts, ms = [], []
@@ -71,8 +71,8 @@ def mlstm_chunkwise(
     log_init = b + m_start[..., None]  # (B, NH, NC, L)
     m_row = torch.maximum(log_init.detach(), log_d.detach().max(dim=-1).values)
     m_hat = m_row.clamp(min=M_FLOOR)
-    scores = (q @ k.transpose(-1, -2)) * torch.exp(log_d - m_hat[..., None])  # (B, NH, NC, L, L)
-    out = scores @ v1 + (q * torch.exp(log_init - m_hat)[..., None]) @ C1_start  # (B, NH, NC, L, d_v + 1)
+    scores = (q @ k.transpose(-1, -2)) * exp_flushed(log_d - m_hat[..., None])  # (B, NH, NC, L, L)
+    out = scores @ v1 + (q * exp_flushed(log_init - m_hat)[..., None]) @ C1_start  # (B, NH, NC, L, d_v + 1)
     num, qn = out[..., :dv], out[..., dv]
     den = torch.maximum(qn.abs(), torch.exp(-m_hat)) + eps
     h = (num / den[..., None]).reshape(B, NH, NC * L, dv)[:, :, :S]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import M_FLOOR, mLSTMState
+from .common import M_FLOOR, exp_flushed, mLSTMState
 
 
 def mlstm_parallel(q, k, v, i, f, state: mLSTMState, eps: float = 1e-6) -> tuple[torch.Tensor, mLSTMState]:
@@ -27,8 +27,8 @@ def mlstm_parallel(q, k, v, i, f, state: mLSTMState, eps: float = 1e-6) -> tuple
     log_init = logf_cum + m0.detach()[..., None]  # (B, NH, S): log weight of the carried state
     m = torch.maximum(log_init, log_d.max(dim=-1).values).detach()  # (B, NH, S)
     m_hat = m.clamp(min=M_FLOOR)
-    d = torch.exp(log_d - m_hat[..., None])  # (B, NH, S, S)
-    w_init = torch.exp(log_init - m_hat)  # (B, NH, S)
+    d = exp_flushed(log_d - m_hat[..., None])  # (B, NH, S, S)
+    w_init = exp_flushed(log_init - m_hat)  # (B, NH, S)
     q_s = q * (q.shape[-1] ** -0.5)
     scores = (q_s @ k.transpose(-1, -2)) * d  # (B, NH, S, S)
     num = scores @ v + w_init[..., None] * (q_s @ C0)  # (B, NH, S, d_v)
@@ -37,7 +37,7 @@ def mlstm_parallel(q, k, v, i, f, state: mLSTMState, eps: float = 1e-6) -> tuple
     h = num / den[..., None]
 
     m_last = m[..., -1]  # (B, NH)
-    w_last = torch.exp(log_d[..., -1, :] - m_last[..., None])  # (B, NH, S)
+    w_last = exp_flushed(log_d[..., -1, :] - m_last[..., None])  # (B, NH, S)
     decay = torch.exp(log_init[..., -1] - m_last)  # (B, NH)
     C = decay[..., None, None] * C0 + (k * w_last[..., None]).transpose(-1, -2) @ v
     n = decay[..., None] * n0 + (k * w_last[..., None]).sum(-2)
