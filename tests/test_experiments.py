@@ -227,3 +227,58 @@ def test_tiny_ablation(tmp_path):
     again = run_ablation(["lstm"], tmp_path, log=lambda _: None, width=16, num_blocks=2, seq_len=16, batch_size=2,
                          steps=2, eval_tokens=64, max_bytes=200_000)
     assert again == []  # resumed: the rung is already in ablation.csv
+
+
+def test_lr_schedules(tmp_path, monkeypatch):
+    """``--schedule``: the same 5% warm-up, then cosine to 10% of the lr or constant; reaches the optimizer."""
+    from openxlstm.experiments import runner
+    from openxlstm.experiments.runner import CellSpec, lr_at
+
+    for schedule in ("cosine", "constant"):
+        assert lr_at(0, 1.0, 100, schedule) == pytest.approx(0.2)  # warm-up: 5 steps
+        assert lr_at(4, 1.0, 100, schedule) == pytest.approx(1.0)
+    assert lr_at(99, 1.0, 100, "cosine") == pytest.approx(0.1, abs=1e-3)
+    assert lr_at(50, 1.0, 100, "cosine") < 1.0
+    assert all(lr_at(s, 1.0, 100, "constant") == 1.0 for s in range(5, 100))
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(0, 1.0, 100, "linear")
+    with pytest.raises(ValueError, match="schedule"):
+        CellSpec(task="parity", model="lstm", schedule="linear")
+
+    seen = []
+    monkeypatch.setattr(runner, "lr_at", lambda *a: seen.append(a) or lr_at(*a))
+    out = str(tmp_path / "g")
+    args = ["grid", "--tasks", "parity", "--models", "lstm", "--width", "8", "--steps", "3", "--batch-size", "4",
+            "--train-max-len", "5", "--test-lengths", "6-8", "--eval-batches", "1", "--eval-batch-size", "4",
+            "--lr", "0.01", "--out", out]
+    assert cli_main(args + ["--schedule", "constant"]) == 0
+    assert sorted(set(seen)) == [(s, 0.01, 3, "constant") for s in range(3)]  # once per parameter group
+    assert cli_main(args) == 0  # the default, cosine, is another cell in the same CSV
+    assert [r["schedule"] for r in read_results(tmp_path / "g" / "results.csv")] == ["constant", "cosine"]
+    assert "schedule=constant" in (tmp_path / "g" / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        cli_main(args + ["--schedule", "linear"])
+
+
+def test_old_results_folder_is_upgraded_and_resumed(tmp_path):
+    """A results.csv written before a spec column existed gets the column's default and still resumes."""
+    import csv
+
+    from openxlstm.experiments.runner import CSV_FIELDS
+
+    spec = grid_specs(["parity"], ["lstm"], [0], width=8, steps=2, batch_size=4, train_max_len=5, test_min_len=6,
+                      test_max_len=8, eval_batches=1, eval_batch_size=4)
+    run_grid(spec, tmp_path, log=lambda _: None)
+    rows = read_results(tmp_path / "results.csv")
+    old_fields = [c for c in CSV_FIELDS if c != "schedule"]
+    with (tmp_path / "results.csv").open("w", newline="") as f:  # as the version before --schedule wrote it
+        w = csv.DictWriter(f, fieldnames=old_fields)
+        w.writeheader()
+        w.writerows({k: r[k] for k in old_fields} for r in rows)
+    assert run_grid(spec, tmp_path, log=lambda _: None) == []  # resumed: nothing to run
+    assert [r["schedule"] for r in read_results(tmp_path / "results.csv")] == ["cosine"]
+    assert (tmp_path / "results.csv.bak").is_file()
+    with (tmp_path / "results.csv").open("w", newline="") as f:
+        f.write("task,model,mystery\nparity,lstm,1\n")
+    with pytest.raises(ValueError, match="mystery"):
+        run_grid(spec, tmp_path, log=lambda _: None)

@@ -17,7 +17,7 @@ import torch
 from ..errors import UserError
 from .ablation import LADDER, run_ablation
 from .models import PAPER_MODELS, canonical_name
-from .runner import ALL_TASKS, grid_specs, run_grid, write_report
+from .runner import ALL_TASKS, SCHEDULES, grid_specs, run_grid, write_report
 
 
 def _list(text: str) -> list[str]:
@@ -51,6 +51,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                   help="learning rate after a linear warm-up over the first 5%% of the steps: 'cosine' decays to "
+                        "10%% of --lr at the last step (default), 'constant' stays at --lr")
     g.add_argument("--train-max-len", type=int, default=40, help="train on input lengths 1..N (default 40)")
     g.add_argument("--test-lengths", default="41-256", help="test input lengths lo-hi (default 41-256)")
     g.add_argument("--supervision", choices=("prefix", "last"), default="prefix",
@@ -118,6 +121,7 @@ def run(args) -> int:
         _check_positive(args, ["train_max_len", "eval_batches", "eval_batch_size"])
         specs = grid_specs(args.tasks, args.models, args.seeds, width=args.width, num_blocks=args.num_blocks,
                            steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                           schedule=args.schedule,
                            train_max_len=args.train_max_len, test_min_len=lo, test_max_len=hi,
                            supervision=args.supervision, eval_batches=args.eval_batches, eval_batch_size=args.eval_batch_size,
                            mqar_context=args.mqar_context, mqar_pairs=args.mqar_pairs, mqar_vocab=args.mqar_vocab)
@@ -133,18 +137,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m openxlstm.experiments ...`` (the same as ``openxlstm experiment ...``)."""
-    parser = argparse.ArgumentParser(prog="python -m openxlstm.experiments")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["experiment"] + list(sys.argv[1:] if argv is None else argv))
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    """``python -m openxlstm.experiments ...``: the same as ``openxlstm experiment ...``."""
+    from ..cli import main as openxlstm_main
+
+    return openxlstm_main(["experiment"] + list(sys.argv[1:] if argv is None else argv))
 
 
 __all__ = ["add_parser", "run", "main"]

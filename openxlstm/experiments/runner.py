@@ -30,6 +30,21 @@ from .mqar import MQARTask
 
 Task = Union[FormalTask, MQARTask]
 ALL_TASKS = tuple(TASKS) + ("mqar",)
+SCHEDULES = ("cosine", "constant")
+
+
+def lr_at(step: int, lr: float, steps: int, schedule: str = "cosine") -> float:
+    """The learning rate of (0-based) ``step`` of ``steps``: a linear warm-up over the first 5% of the steps,
+    then ``schedule``: "cosine" decays to 10% of ``lr`` at the last step, "constant" stays at ``lr``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @dataclass(frozen=True)
@@ -54,10 +69,13 @@ class CellSpec:
     mqar_pairs: int = 8
     mqar_vocab: int = 64
     supervision: str = "prefix"  # training targets of classification tasks: "prefix" (every position) or "last"
+    schedule: str = "cosine"  # learning rate after the 5% warm-up: "cosine" (to 10% of lr) or "constant"
 
     def __post_init__(self):
         if self.supervision not in ("prefix", "last"):
             raise ValueError(f"supervision must be 'prefix' or 'last', got {self.supervision!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
     def key(self) -> tuple:
         return tuple(str(v) for v in asdict(self).values())
@@ -118,20 +136,13 @@ def run_cell(spec: CellSpec, max_seconds: Optional[float] = None,
     """Train and test one cell; returns the CSV row (spec fields + results).
 
     ``max_seconds`` stops training early (the row records ``steps_done``); the learning-rate schedule
-    (5% linear warm-up, cosine to 10%) is laid out over ``spec.steps``.
+    (5% linear warm-up, then ``spec.schedule``: cosine to 10% or constant) is laid out over ``spec.steps``.
     """
     task = make_task(spec)
     torch.manual_seed(spec.seed)
     context = spec.mqar_context if spec.task == "mqar" else 2 * spec.test_max_len + 1
     model = build_model(spec.model, task.vocab_size, spec.width, spec.num_blocks, context_length=context)
     opt = torch.optim.AdamW(model.optim_groups(spec.weight_decay), lr=spec.lr, betas=(0.9, 0.98))
-    warmup = max(1, spec.steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return spec.lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, spec.steps - warmup)
-        return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     gen = torch.Generator().manual_seed(spec.seed)
     start = time.time()
@@ -140,7 +151,7 @@ def run_cell(spec: CellSpec, max_seconds: Optional[float] = None,
     model.train()
     for step in range(1, spec.steps + 1):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step - 1)
+            group["lr"] = lr_at(step - 1, spec.lr, spec.steps, spec.schedule)
         tokens, targets = _batch(task, spec, gen, 1, spec.train_max_len, spec.batch_size, train=True)
         loss, _, _ = _loss_and_correct(model, task, tokens, targets)
         opt.zero_grad(set_to_none=True)
@@ -193,6 +204,32 @@ def append_result(path: Union[str, Path], row: dict) -> None:
         writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
 
 
+def upgrade_results(path: Union[str, Path]) -> list[dict]:
+    """The rows of ``path``, rewritten in this version's columns if an older version wrote it.
+
+    A column added since (such as ``schedule``) is filled with its CellSpec default, which is what the older
+    version ran, so the folder can still be resumed and appended to. The original is kept as
+    ``results.csv.bak``. A CSV with columns this version does not know is an error (nothing is rewritten).
+    """
+    path = Path(path)
+    rows = read_results(path)
+    if not rows or list(rows[0].keys()) == CSV_FIELDS:
+        return rows
+    columns = list(rows[0].keys())
+    unknown = [c for c in columns if c not in CSV_FIELDS]
+    defaults = {f.name: f.default for f in fields(CellSpec)}
+    missing = [c for c in CSV_FIELDS if c not in columns]
+    if unknown or any(c not in defaults for c in missing):
+        raise ValueError(f"{path} has columns this version does not write ({', '.join(unknown or missing)}); "
+                         f"use another --out")
+    rows = [{**{c: defaults[c] for c in missing}, **r} for r in rows]
+    backup = path.with_name(path.name + ".bak")
+    path.replace(backup)
+    for r in rows:
+        append_result(path, r)
+    return read_results(path)
+
+
 def row_key(row: dict) -> tuple:
     return tuple(str(row[k]) for k in SPEC_FIELDS)
 
@@ -204,9 +241,7 @@ def run_grid(specs: list[CellSpec], out_dir: Union[str, Path], max_seconds: Opti
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "results.csv"
-    existing = read_results(csv_path)
-    if existing and list(existing[0].keys()) != CSV_FIELDS:
-        raise ValueError(f"{csv_path} has different columns than this version writes; use another --out")
+    existing = upgrade_results(csv_path)
     done = {row_key(r) for r in existing}
     todo = [s for s in specs if s.key() not in done]
     log(f"{len(specs)} cells, {len(specs) - len(todo)} already in {csv_path}, {len(todo)} to run")
@@ -226,14 +261,15 @@ def run_grid(specs: list[CellSpec], out_dir: Union[str, Path], max_seconds: Opti
 # ---------------------------------------------------------------------------------------------------------
 # report: markdown table and heat-map
 # ---------------------------------------------------------------------------------------------------------
-_SETTING_FIELDS = ("width", "num_blocks", "steps", "batch_size", "lr", "train_max_len", "test_min_len", "test_max_len")
+_SETTING_FIELDS = ("width", "num_blocks", "steps", "batch_size", "lr", "schedule", "train_max_len", "test_min_len",
+                   "test_max_len")
 
 
 def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict]:
     """-> (model labels, task labels, {(model, task): [scores over seeds]}).
 
     Model labels carry their settings (width, steps, ...) only when the CSV holds more than one setting."""
-    settings = {tuple(r[k] for k in _SETTING_FIELDS) for r in rows}
+    settings = {tuple(r.get(k, "") for k in _SETTING_FIELDS) for r in rows}
     cells: dict = {}
     models, tasks = [], []
     for r in rows:
@@ -241,7 +277,7 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict]:
                 else r["task"])
         model = r["model"]
         if len(settings) > 1:
-            model += " (" + ",".join(f"{k}={r[k]}" for k in ("width", "steps", "batch_size", "lr")) + ")"
+            model += " (" + ",".join(f"{k}={r.get(k, '')}" for k in ("width", "steps", "batch_size", "lr", "schedule")) + ")"
         if model not in models:
             models.append(model)
         if task not in tasks:
@@ -290,7 +326,8 @@ def heatmap(rows: list[dict], path: Union[str, Path], title: str = "", aggregate
             v = cells.get((m, t))
             if v:
                 grid[i, j] = max(v) if aggregate == "max" else sum(v) / len(v)
-    fig, ax = plt.subplots(figsize=(1.1 * len(tasks) + 2.5, 0.55 * len(models) + 1.8))
+    label_width = 0.07 * max(len(m) for m in models)  # inches for the model names (they may carry settings)
+    fig, ax = plt.subplots(figsize=(1.1 * len(tasks) + 1.5 + label_width, 0.55 * len(models) + 1.8))
     ax.imshow(np.clip(grid, 0, 1), cmap="RdYlBu", vmin=0, vmax=1, aspect="auto")
     for i in range(len(models)):
         for j in range(len(tasks)):
@@ -299,8 +336,7 @@ def heatmap(rows: list[dict], path: Union[str, Path], title: str = "", aggregate
     ax.set_xticks(range(len(tasks)), [t.replace("(", "\n(") for t in tasks], rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(models)), models, fontsize=9)
     ax.set_title(title or f"scaled accuracy (formal languages) / accuracy (MQAR), {aggregate} over seeds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -313,7 +349,7 @@ def write_report(out_dir: Union[str, Path], log: Callable[[str], None] = print, 
         log(f"no results in {out_dir / 'results.csv'}")
         return None
     table = markdown_table(rows)
-    settings = sorted({", ".join(f"{k}={r[k]}" for k in _SETTING_FIELDS) for r in rows})
+    settings = sorted({", ".join(f"{k}={r.get(k, '')}" for k in _SETTING_FIELDS) for r in rows})
     text = ("# Results\n\nScore: formal languages, accuracy on test lengths scaled so that 0 is chance and 1 "
             "perfect; MQAR, accuracy on the queried values. Several seeds: mean ± std, max (n).\n\n" + table + "\n\nSettings: "
             + "; ".join(settings) + "\n")
@@ -333,5 +369,5 @@ def grid_specs(tasks: list[str], models: list[str], seeds: list[int], **settings
     return [CellSpec(task=t, model=m, seed=s, **settings) for t in tasks for m in models for s in seeds]
 
 
-__all__ = ["ALL_TASKS", "CellSpec", "run_cell", "run_grid", "grid_specs", "read_results", "append_result",
+__all__ = ["ALL_TASKS", "SCHEDULES", "CellSpec", "lr_at", "run_cell", "run_grid", "grid_specs", "read_results", "append_result",
            "markdown_table", "heatmap", "write_report", "evaluate"]
