@@ -30,7 +30,7 @@ def _positive_int(text: str) -> int:
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a language model (no arguments: a small byte-level xLSTM on a "
-                                     "built-in corpus, ~5 minutes on 2 CPU cores)")
+                                     "built-in corpus, ~4 minutes on 2 CPU cores)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=["xlstm", "lstm", "transformer"], help="architecture (default xlstm)")
     g.add_argument("--config", help="model config: a JSON file or inline JSON of the architecture's config fields")
@@ -103,7 +103,8 @@ def _plot_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openxlstm", description="Train xLSTM language models, generate, evaluate, and run the paper's experiments.")
+    parser = argparse.ArgumentParser(
+        prog="openxlstm", description="Train xLSTM language models, generate, evaluate, and run the paper's experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _gen_parser(sub)
