@@ -230,29 +230,37 @@ def test_tiny_ablation(tmp_path):
 
 
 def test_lr_schedules(tmp_path, monkeypatch):
-    """``--schedule``: the same 5% warm-up, then cosine to 10% of the lr or constant; reaches the optimizer."""
+    """``--schedule``: the training loop's warm-up (5%), then cosine to 10% of the lr or constant; it reaches
+    the optimizer and the CSV."""
     from openxlstm.experiments import runner
-    from openxlstm.experiments.runner import CellSpec, lr_at
+    from openxlstm.experiments.runner import CellSpec, lr_schedule
 
     for schedule in ("cosine", "constant"):
-        assert lr_at(0, 1.0, 100, schedule) == pytest.approx(0.2)  # warm-up: 5 steps
-        assert lr_at(4, 1.0, 100, schedule) == pytest.approx(1.0)
-    assert lr_at(99, 1.0, 100, "cosine") == pytest.approx(0.1, abs=1e-3)
-    assert lr_at(50, 1.0, 100, "cosine") < 1.0
-    assert all(lr_at(s, 1.0, 100, "constant") == 1.0 for s in range(5, 100))
+        assert lr_schedule(1.0, 100, schedule).lr_at(0) == pytest.approx(0.2)  # warm-up: 5 steps
+        assert lr_schedule(1.0, 100, schedule).lr_at(4) == pytest.approx(1.0)
+    assert lr_schedule(1.0, 100, "cosine").lr_at(99) == pytest.approx(0.1, abs=1e-3)
+    assert lr_schedule(1.0, 100, "cosine").lr_at(50) < 1.0
+    assert all(lr_schedule(1.0, 100, "constant").lr_at(s) == 1.0 for s in range(5, 100))
     with pytest.raises(ValueError, match="schedule"):
-        lr_at(0, 1.0, 100, "linear")
+        lr_schedule(1.0, 100, "linear")
     with pytest.raises(ValueError, match="schedule"):
         CellSpec(task="parity", model="lstm", schedule="linear")
 
     seen = []
-    monkeypatch.setattr(runner, "lr_at", lambda *a: seen.append(a) or lr_at(*a))
+
+    def spy(*args):
+        sched = lr_schedule(*args)
+        apply = sched.apply
+        sched.apply = lambda opt, step: seen.append((step, apply(opt, step), opt.param_groups[0]["lr"]))
+        return sched
+
+    monkeypatch.setattr(runner, "lr_schedule", spy)
     out = str(tmp_path / "g")
     args = ["grid", "--tasks", "parity", "--models", "lstm", "--width", "8", "--steps", "3", "--batch-size", "4",
             "--train-max-len", "5", "--test-lengths", "6-8", "--eval-batches", "1", "--eval-batch-size", "4",
             "--lr", "0.01", "--out", out]
     assert cli_main(args + ["--schedule", "constant"]) == 0
-    assert sorted(set(seen)) == [(s, 0.01, 3, "constant") for s in range(3)]  # once per parameter group
+    assert seen == [(s, 0.01, 0.01) for s in range(3)]  # warm-up of 1 step, then constant, set on the optimizer
     assert cli_main(args) == 0  # the default, cosine, is another cell in the same CSV
     assert [r["schedule"] for r in read_results(tmp_path / "g" / "results.csv")] == ["constant", "cosine"]
     assert "schedule=constant" in (tmp_path / "g" / "results.md").read_text()

@@ -15,7 +15,6 @@ whole CSV into ``results.md`` and ``heatmap.png`` (models x tasks, mean over see
 from __future__ import annotations
 
 import csv
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ..train.schedule import CosineSchedule
 from .formal import IGNORE, TASKS, FormalTask, get_task
 from .models import build_model, canonical_name
 from .mqar import MQARTask
@@ -33,18 +33,13 @@ ALL_TASKS = tuple(TASKS) + ("mqar",)
 SCHEDULES = ("cosine", "constant")
 
 
-def lr_at(step: int, lr: float, steps: int, schedule: str = "cosine") -> float:
-    """The learning rate of (0-based) ``step`` of ``steps``: a linear warm-up over the first 5% of the steps,
-    then ``schedule``: "cosine" decays to 10% of ``lr`` at the last step, "constant" stays at ``lr``."""
+def lr_schedule(lr: float, steps: int, schedule: str = "cosine") -> CosineSchedule:
+    """The training loop's schedule for a cell: a linear warm-up over the first 5% of ``steps``, then
+    ``schedule``: "cosine" decays to 10% of ``lr`` at the last step, "constant" stays at ``lr``."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if schedule == "constant":
-        return lr
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    min_lr = lr if schedule == "constant" else 0.1 * lr
+    return CosineSchedule(lr=lr, min_lr=min_lr, warmup_steps=max(1, steps // 20), max_steps=steps)
 
 
 @dataclass(frozen=True)
@@ -143,6 +138,7 @@ def run_cell(spec: CellSpec, max_seconds: Optional[float] = None,
     context = spec.mqar_context if spec.task == "mqar" else 2 * spec.test_max_len + 1
     model = build_model(spec.model, task.vocab_size, spec.width, spec.num_blocks, context_length=context)
     opt = torch.optim.AdamW(model.optim_groups(spec.weight_decay), lr=spec.lr, betas=(0.9, 0.98))
+    schedule = lr_schedule(spec.lr, spec.steps, spec.schedule)
 
     gen = torch.Generator().manual_seed(spec.seed)
     start = time.time()
@@ -150,8 +146,7 @@ def run_cell(spec: CellSpec, max_seconds: Optional[float] = None,
     step = 0
     model.train()
     for step in range(1, spec.steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step - 1, spec.lr, spec.steps, spec.schedule)
+        schedule.apply(opt, step - 1)
         tokens, targets = _batch(task, spec, gen, 1, spec.train_max_len, spec.batch_size, train=True)
         loss, _, _ = _loss_and_correct(model, task, tokens, targets)
         opt.zero_grad(set_to_none=True)
@@ -369,5 +364,5 @@ def grid_specs(tasks: list[str], models: list[str], seeds: list[int], **settings
     return [CellSpec(task=t, model=m, seed=s, **settings) for t in tasks for m in models for s in seeds]
 
 
-__all__ = ["ALL_TASKS", "SCHEDULES", "CellSpec", "lr_at", "run_cell", "run_grid", "grid_specs", "read_results", "append_result",
+__all__ = ["ALL_TASKS", "SCHEDULES", "CellSpec", "lr_schedule", "run_cell", "run_grid", "grid_specs", "read_results", "append_result",
            "markdown_table", "heatmap", "write_report", "evaluate"]
