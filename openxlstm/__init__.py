@@ -2,11 +2,11 @@
 
 from . import ops
 from .config import preset, xLSTMConfig
-from .layers import Backends
+from .layers import Backends, LMOutput
 from .generation import generate
 from .interop import load_official, save_official
 from .model import xLSTMLM
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "generate", "load_official", "save_official", "preset", "xLSTMConfig", "xLSTMLM", "Backends", "__version__"]
+__all__ = ["ops", "generate", "load_official", "save_official", "preset", "xLSTMConfig", "xLSTMLM", "Backends", "LMOutput", "__version__"]

@@ -1,7 +1,7 @@
 """Baselines for honest comparisons: a classic multi-layer LSTM LM and a Llama-style Transformer LM.
 
-Both have the interface of ``xLSTMLM``: ``forward(input_ids, state=None, return_state=False)`` -> logits
-(B, S, V) or (logits, state); ``optim_groups(weight_decay)``; ``num_params()``; a ``config`` dataclass with
+Both have the interface of ``xLSTMLM``: ``forward(input_ids, state=None, return_state=False, labels=None)`` ->
+logits (B, S, V), (logits, state), or an ``LMOutput`` with the loss; ``optim_groups(weight_decay)``; ``num_params()``; a ``config`` dataclass with
 ``to_dict``/``from_dict``. ``sized_lstm_config`` / ``sized_transformer_config`` pick the width that gives a
 target parameter count, so a baseline can be built "of equal size" to an xLSTM.
 
@@ -18,6 +18,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layers.head import check_input_ids, lm_outputs
 
 
 def _check_positive_ints(obj, names: Sequence[str]) -> None:
@@ -40,17 +42,6 @@ class _ConfigIO:
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**d)
-
-
-def _check_ids(name: str, input_ids: torch.Tensor, vocab_size: int) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-        got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise TypeError(f"{name}: input_ids must be an integer tensor (B, S), got {got}")
-    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise ValueError(f"{name}: input_ids must have shape (B, S) with S >= 1, got {tuple(input_ids.shape)}")
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}), got range [{lo}, {hi}]")
 
 
 def _decay_groups(model: nn.Module, weight_decay: float, embedding: nn.Parameter) -> list[dict]:
@@ -142,9 +133,11 @@ class LSTMLM(nn.Module):
             elif name.startswith("bias_hh"):
                 nn.init.zeros_(p)
 
-    def forward(self, input_ids: torch.Tensor, state: Optional[LSTMState] = None, return_state: bool = False):
-        """input_ids: (B, S) -> logits (B, S, V), or (logits, LSTMState) with ``return_state=True``."""
-        _check_ids("LSTMLM", input_ids, self.config.vocab_size)
+    def forward(self, input_ids: torch.Tensor, state: Optional[LSTMState] = None, return_state: bool = False,
+                labels: Optional[torch.Tensor] = None, return_logits: bool = False):
+        """input_ids: (B, S) -> logits (B, S, V), or (logits, LSTMState) with ``return_state=True``; with
+        ``labels`` an ``LMOutput`` (as ``xLSTMLM.forward``)."""
+        check_input_ids("LSTMLM", input_ids, self.config.vocab_size)
         if state is not None:
             if not isinstance(state, tuple) or len(state) != 2:
                 raise TypeError("LSTMLM: state must be an LSTMState(h, c)")
@@ -153,8 +146,7 @@ class LSTMLM(nn.Module):
             state = (state[0], state[1])
         x = self.dropout(self.embedding(input_ids))  # (B, S, E)
         y, (h, c) = self.lstm(x, state)  # (B, S, H); h, c: (L, B, H)
-        logits = self.lm_head(self.dropout(y))  # (B, S, V)
-        return (logits, LSTMState(h, c)) if return_state else logits
+        return lm_outputs(self.dropout(y), self.lm_head, labels, LSTMState(h, c), return_state, return_logits)
 
     def optim_groups(self, weight_decay: float) -> list[dict]:
         """Parameter groups for ``torch.optim.AdamW`` (decay on matrices, not on embedding or biases)."""
@@ -326,12 +318,14 @@ class TransformerLM(nn.Module):
             nn.init.ones_(block.ffn_norm.weight)
         nn.init.ones_(self.norm.weight)
 
-    def forward(self, input_ids: torch.Tensor, state: Optional[Sequence[KVCache]] = None, return_state: bool = False):
-        """input_ids: (B, S) -> logits (B, S, V), or (logits, tuple of KVCache) with ``return_state=True``.
+    def forward(self, input_ids: torch.Tensor, state: Optional[Sequence[KVCache]] = None, return_state: bool = False,
+                labels: Optional[torch.Tensor] = None, return_logits: bool = False):
+        """input_ids: (B, S) -> logits (B, S, V), or (logits, tuple of KVCache) with ``return_state=True``;
+        with ``labels`` an ``LMOutput`` (as ``xLSTMLM.forward``).
 
         ``state`` (the caches of an earlier call) continues the sequence; it is never modified.
         """
-        _check_ids("TransformerLM", input_ids, self.config.vocab_size)
+        check_input_ids("TransformerLM", input_ids, self.config.vocab_size)
         if state is not None:
             if len(state) != len(self.blocks):
                 raise ValueError(f"TransformerLM: state must hold one KVCache per layer ({len(self.blocks)}), got {len(state)}")
@@ -342,8 +336,7 @@ class TransformerLM(nn.Module):
         for j, block in enumerate(self.blocks):
             x, cache = block(x, None if state is None else state[j])
             caches.append(cache)
-        logits = self.lm_head(self.norm(x))  # (B, S, V)
-        return (logits, tuple(caches)) if return_state else logits
+        return lm_outputs(self.norm(x), self.lm_head, labels, tuple(caches), return_state, return_logits)
 
     def optim_groups(self, weight_decay: float) -> list[dict]:
         """Parameter groups for ``torch.optim.AdamW`` (decay on matrices, not on embedding or norms)."""

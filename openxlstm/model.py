@@ -14,6 +14,7 @@ from torch import nn
 from .config import xLSTMConfig
 from .layers import Backends, GatedFFN, LayerNorm, mLSTMLayer, mLSTMLayerState, sLSTMLayer, sLSTMLayerState
 from .layers.common import small_init_
+from .layers.head import check_input_ids, lm_outputs
 
 BlockState = Union[mLSTMLayerState, sLSTMLayerState]
 
@@ -86,14 +87,7 @@ class xLSTMLM(nn.Module):
         return self
 
     def _check(self, input_ids: torch.Tensor, state) -> None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-            got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise TypeError(f"xLSTMLM: input_ids must be an integer tensor (B, S), got {got}")
-        if input_ids.dim() != 2 or input_ids.numel() == 0:
-            raise ValueError(f"xLSTMLM: input_ids must have shape (B, S) with B, S >= 1, got {tuple(input_ids.shape)}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"xLSTMLM: token ids must lie in [0, {self.config.vocab_size}), got range [{lo}, {hi}]")
+        check_input_ids("xLSTMLM", input_ids, self.config.vocab_size)
         if state is not None:
             if len(state) != len(self.blocks):
                 raise ValueError(f"xLSTMLM: state must hold one entry per block ({len(self.blocks)}), got {len(state)}")
@@ -105,9 +99,13 @@ class xLSTMLM(nn.Module):
                 if lead.shape[0] != input_ids.shape[0]:
                     raise ValueError(f"xLSTMLM: state[{j}] has batch size {lead.shape[0]}, input_ids has {input_ids.shape[0]}")
 
-    def forward(self, input_ids: torch.Tensor, state: Optional[Sequence[BlockState]] = None, return_state: bool = False):
+    def forward(self, input_ids: torch.Tensor, state: Optional[Sequence[BlockState]] = None,
+                return_state: bool = False, labels: Optional[torch.Tensor] = None, return_logits: bool = False):
         """input_ids: (B, S) token ids -> logits (B, S, V), or (logits, state) with ``return_state=True``.
 
+        With ``labels`` (B, S) (the next token of each position, -100 where nothing is scored) the result is
+        an ``LMOutput`` with the mean loss, computed without (B*S, V) float32 logits; its ``logits`` are
+        filled only with ``return_logits=True`` and its ``state`` with ``return_state=True``.
         ``state`` (from an earlier call) continues the sequence exactly; it is never modified.
         """
         self._check(input_ids, state)
@@ -116,8 +114,7 @@ class xLSTMLM(nn.Module):
         for j, block in enumerate(self.blocks):
             x, s = block(x, None if state is None else state[j], self.backends)
             new_state.append(s)
-        logits = self.lm_head(self.post_norm(x))  # (B, S, V)
-        return (logits, tuple(new_state)) if return_state else logits
+        return lm_outputs(self.post_norm(x), self.lm_head, labels, tuple(new_state), return_state, return_logits)
 
     def generate(self, prompt, tokenizer=None, **kwargs):
         """Continue ``prompt``: prefill in one pass, then decode token by token with the recurrent state.

@@ -78,7 +78,7 @@ def test_sized_configs_match_target():
 
 def test_bad_inputs():
     model = MODELS["transformer"]()
-    with pytest.raises(ValueError, match="token ids"):
+    with pytest.raises(RuntimeError, match="token ids"):
         model(torch.tensor([[0, 99]]))
     with pytest.raises(TypeError, match="integer"):
         model(torch.zeros(1, 3))

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..config import preset as xlstm_preset
 from ..config import xLSTMConfig
@@ -151,8 +150,8 @@ def evaluate_loss(model, tokens, seq_len: int, max_tokens: int, batch_size: int,
         w = torch.stack([torch.from_numpy(tokens[s:s + seq_len + 1].astype("int64")) for s in starts[i:i + batch_size]])
         w = w.to(device)  # (b, S + 1)
         with autocast or nullcontext():
-            logits = model(w[:, :-1])
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
+            out = model(w[:, :-1], labels=w[:, 1:])
+        total += float(out.loss) * w[:, 1:].numel()
         count += w[:, 1:].numel()
     model.train(was_training)
     total, count = all_reduce_sum([total, float(count)], device)
@@ -279,8 +278,7 @@ class Trainer:
             ys = y[a * self.micro_batch:(a + 1) * self.micro_batch].to(self.device)
             sync = a == cfg.grad_accum - 1 or not self.dist.enabled
             with (nullcontext() if sync else self.train_model.no_sync()), self.autocast:
-                logits = self.train_model(xs)  # (b, S, V)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), ys.flatten())
+                loss = self.train_model(xs, labels=ys).loss  # fused head + loss: no (b*S, V) float32 logits
             (loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
         if cfg.grad_clip > 0:

@@ -54,6 +54,5 @@ def check_inputs(x, R, b, state, forget_gate) -> tuple[int, int, int, int, int]:
 def initial_state(state: Optional[tuple], B: int, E: int, dtype, device) -> sLSTMState:
     """The caller's state as fresh tensors in the state dtype, or zeros."""
     if state is None:
-        z = torch.zeros(B, E, dtype=dtype, device=device)
-        return sLSTMState(z, z, z, z)
+        return sLSTMState(*(torch.zeros(B, E, dtype=dtype, device=device) for _ in range(4)))
     return sLSTMState(*(t.to(device=device, dtype=dtype) for t in state))
