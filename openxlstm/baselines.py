@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers.common import run_block
 from .layers.head import check_input_ids, lm_outputs
 
 
@@ -53,6 +54,16 @@ def _decay_groups(model: nn.Module, weight_decay: float, embedding: nn.Parameter
         seen.add(id(p))
         (decay if p.dim() >= 2 and p is not embedding else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _CheckpointingMixin:
+    """``set_activation_checkpointing`` as ``xLSTMLM`` has it (recompute each layer during backward)."""
+
+    activation_checkpointing = False
+
+    def set_activation_checkpointing(self, enabled: bool = True):
+        self.activation_checkpointing = bool(enabled)
+        return self
 
 
 def _num_params(model: nn.Module) -> int:
@@ -100,7 +111,7 @@ class LSTMState(NamedTuple):
     c: torch.Tensor
 
 
-class LSTMLM(nn.Module):
+class LSTMLM(_CheckpointingMixin, nn.Module):
     """A classic multi-layer LSTM language model (sigmoid gates, scalar memory, no exponential gating)."""
 
     def __init__(self, config: LSTMConfig):
@@ -145,7 +156,7 @@ class LSTMLM(nn.Module):
                 raise ValueError(f"LSTMLM: state has batch size {state[0].shape[1]}, input_ids has {input_ids.shape[0]}")
             state = (state[0], state[1])
         x = self.dropout(self.embedding(input_ids))  # (B, S, E)
-        y, (h, c) = self.lstm(x, state)  # (B, S, H); h, c: (L, B, H)
+        y, (h, c) = run_block(self.lstm, self.activation_checkpointing, x, state)  # (B, S, H); h, c: (L, B, H)
         return lm_outputs(self.dropout(y), self.lm_head, labels, LSTMState(h, c), return_state, return_logits)
 
     def optim_groups(self, weight_decay: float) -> list[dict]:
@@ -286,7 +297,7 @@ class TransformerBlock(nn.Module):
         return x, cache
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(_CheckpointingMixin, nn.Module):
     """Llama-style Transformer LM. The state is a KV cache (one ``KVCache`` per layer)."""
 
     def __init__(self, config: TransformerConfig):
@@ -334,7 +345,7 @@ class TransformerLM(nn.Module):
         x = self.emb_dropout(self.embedding(input_ids))  # (B, S, E)
         caches = []
         for j, block in enumerate(self.blocks):
-            x, cache = block(x, None if state is None else state[j])
+            x, cache = run_block(block, self.activation_checkpointing, x, None if state is None else state[j])
             caches.append(cache)
         return lm_outputs(self.norm(x), self.lm_head, labels, tuple(caches), return_state, return_logits)
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import xLSTMConfig
 from .layers import Backends, GatedFFN, LayerNorm, mLSTMLayer, mLSTMLayerState, sLSTMLayer, sLSTMLayerState
-from .layers.common import small_init_
+from .layers.common import run_block, small_init_
 from .layers.head import check_input_ids, lm_outputs
 
 BlockState = Union[mLSTMLayerState, sLSTMLayerState]
@@ -57,6 +57,7 @@ class xLSTMLM(nn.Module):
             raise TypeError(f"xLSTMLM needs an xLSTMConfig, got {type(config).__name__}")
         self.config = config
         self.backends = backends or Backends()
+        self.activation_checkpointing = False
         E = config.embedding_dim
         self.embedding = nn.Embedding(config.vocab_size, E)
         self.emb_dropout = nn.Dropout(config.dropout)
@@ -86,6 +87,12 @@ class xLSTMLM(nn.Module):
         self.backends = Backends(mlstm=mlstm, slstm=slstm, chunk_size=chunk_size)
         return self
 
+    def set_activation_checkpointing(self, enabled: bool = True) -> "xLSTMLM":
+        """Recompute each block's forward during backward instead of keeping its activations (training only;
+        a run-time choice, not saved with the model). Same results; memory per block drops to its input."""
+        self.activation_checkpointing = bool(enabled)
+        return self
+
     def _check(self, input_ids: torch.Tensor, state) -> None:
         check_input_ids("xLSTMLM", input_ids, self.config.vocab_size)
         if state is not None:
@@ -112,7 +119,7 @@ class xLSTMLM(nn.Module):
         x = self.emb_dropout(self.embedding(input_ids))  # (B, S, E)
         new_state = []
         for j, block in enumerate(self.blocks):
-            x, s = block(x, None if state is None else state[j], self.backends)
+            x, s = run_block(block, self.activation_checkpointing, x, None if state is None else state[j], self.backends)
             new_state.append(s)
         return lm_outputs(self.post_norm(x), self.lm_head, labels, tuple(new_state), return_state, return_logits)
 

@@ -94,3 +94,24 @@ def test_labels_shape_is_checked():
     model = _models()[0]
     with pytest.raises(ValueError, match="labels must have the shape of input_ids"):
         model(torch.zeros(2, 5, dtype=torch.long), labels=torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["xlstm", "lstm", "transformer"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(which):
+    model = _models()[which].float().train()
+    g = torch.Generator().manual_seed(5)
+    V = model.config.vocab_size
+    ids, labels = torch.randint(0, V, (2, 13), generator=g), torch.randint(0, V, (2, 13), generator=g)
+    ref = model(ids, labels=labels).loss
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = model.set_activation_checkpointing(True)(ids, labels=labels).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    model.set_activation_checkpointing(False)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(-t.numel()) or t, lambda t: t):
+        model(ids, labels=labels)
+    assert abs(float((loss - ref).detach())) <= 1e-6 * float(ref.detach())
+    assert max(rel(a, b) for a, b in zip(grads, ref_grads) if b.norm() > 0) <= 1e-5
+    kept, plain = sum(n for n in saved if n > 0), -sum(n for n in saved if n < 0)
+    assert kept < plain  # fewer activations kept for backward

@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..ops.conv import causal_conv1d
@@ -19,6 +20,15 @@ def small_init_(w: torch.Tensor, dim: int) -> torch.Tensor:
 def wang_init_(w: torch.Tensor, dim: int, num_blocks: int) -> torch.Tensor:
     """N(0, (2 / (num_blocks sqrt(dim)))^2): output projections of residual branches."""
     return nn.init.normal_(w, mean=0.0, std=2.0 / num_blocks / math.sqrt(dim))
+
+
+def run_block(block: nn.Module, checkpointing: bool, *args):
+    """``block(*args)``, or with activation checkpointing (only the block's inputs are kept for backward and
+    its forward runs again during backward) when ``checkpointing`` is set, the block trains and a gradient
+    is being recorded."""
+    if checkpointing and block.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 class LayerNorm(nn.Module):
@@ -99,4 +109,4 @@ class CausalConv(nn.Module):
         return causal_conv1d(x, self.weight, self.bias, state, return_state=True)
 
 
-__all__ = ["LayerNorm", "MultiHeadNorm", "BlockDiagonalLinear", "CausalConv", "small_init_", "wang_init_"]
+__all__ = ["run_block", "LayerNorm", "MultiHeadNorm", "BlockDiagonalLinear", "CausalConv", "small_init_", "wang_init_"]
