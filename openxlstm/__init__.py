@@ -5,8 +5,10 @@ from .config import preset, xLSTMConfig
 from .layers import Backends, LMOutput
 from .generation import generate
 from .interop import load_official, save_official
+from .large import from_pretrained, xLSTMLargeConfig, xLSTMLargeLM
 from .model import xLSTMLM
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "generate", "load_official", "save_official", "preset", "xLSTMConfig", "xLSTMLM", "Backends", "LMOutput", "__version__"]
+__all__ = ["ops", "generate", "load_official", "save_official", "preset", "xLSTMConfig", "xLSTMLM",
+           "from_pretrained", "xLSTMLargeConfig", "xLSTMLargeLM", "Backends", "LMOutput", "__version__"]
