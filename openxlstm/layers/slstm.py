@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import xLSTMConfig
 from ..ops.slstm import slstm
+from ..ops.slstm.recurrent import slstm_decode
 from .backends import Backends
 from .common import BlockDiagonalLinear, CausalConv, MultiHeadNorm, small_init_
 
@@ -69,7 +70,11 @@ class sLSTMLayer(nn.Module):
         self.norm.reset_parameters()
 
     def forward(self, x: torch.Tensor, state: Optional[sLSTMLayerState] = None, backends: Backends = Backends()):
-        """x: (B, S, E) (normalized) -> (y (B, S, E), new sLSTMLayerState)."""
+        """x: (B, S, E) (normalized) -> (y (B, S, E), new sLSTMLayerState).
+
+        A single token without gradient (generation) takes ``slstm_decode``, the cell's step in plain
+        PyTorch, whatever ``backends.slstm`` says: same maths, a fraction of the ops of a sequence kernel.
+        """
         B, S, E = x.shape
         conv_state = None
         if self.conv is not None:
@@ -79,8 +84,13 @@ class sLSTMLayer(nn.Module):
             x_c = x
         pre = torch.cat([self.igate(x_c), self.fgate(x_c), self.zgate(x), self.ogate(x)], dim=-1)  # (B, S, 4E)
         cell_state = None if state is None else (state.h, state.c, state.n, state.m)
-        h, cell = slstm(pre, self.recurrent, self.bias, cell_state, forget_gate=self.config.slstm_forget_gate,
-                        backend=backends.slstm, return_state=True)
+        if S == 1 and not torch.is_grad_enabled():  # decode: one plain step, no sequence kernel or autograd Function
+            h, cell = slstm_decode(pre[:, 0], self.recurrent, self.bias, cell_state,
+                                   forget_gate=self.config.slstm_forget_gate)
+            h = h[:, None]  # (B, 1, E)
+        else:
+            h, cell = slstm(pre, self.recurrent, self.bias, cell_state, forget_gate=self.config.slstm_forget_gate,
+                            backend=backends.slstm, return_state=True)
         y = self.norm(h.view(B, S, self.num_heads, self.head_dim))
         return self.dropout(y), sLSTMLayerState(conv_state, *cell)
 

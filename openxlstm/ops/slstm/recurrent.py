@@ -8,14 +8,20 @@ Per head h of width d (E = NH * d), block-diagonal recurrent weights R[h] map h_
     i' = exp(i_t - m_t),  f' = exp(log f_t + m_{t-1} - m_t),  log f = logsigmoid(f) or f (exponential gate)
 
 No gradient flows through m (the output does not depend on it).
+
+``slstm_step`` is one step of it; ``slstm_decode`` is that step for generation (the sLSTM layer's path for
+a single token without gradient): input and state dtypes handled as ``slstm`` does, nothing else.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
-from .common import sLSTMState
+from ..mlstm.common import state_dtype
+from .common import check_inputs, initial_state, sLSTMState
 
 
 def log_forget(f: torch.Tensor, forget_gate: str) -> torch.Tensor:
@@ -38,25 +44,54 @@ def slstm_pointwise(pre: torch.Tensor, state: sLSTMState, forget_gate: str) -> s
     return sLSTMState(h_new, c_new, n_new, m_new)
 
 
+def recurrent_preact_heads(h: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """R h for block-diagonal R (NH, d, 4, d) and h (B, E): returns (B, 4, NH, d), a strided view of the
+    product (no copy into the (B, 4, E) layout)."""
+    NH, d = R.shape[0], R.shape[1]
+    return torch.einsum("bhi,higo->bgho", h.view(h.shape[0], NH, d), R)
+
+
 def recurrent_preact(h: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """R h for block-diagonal R (NH, d, 4, d) and h (B, E): returns (B, 4, E)."""
-    NH, d = R.shape[0], R.shape[1]
-    B = h.shape[0]
-    ry = torch.einsum("bhi,higo->bgho", h.view(B, NH, d), R)  # (B, 4, NH, d)
-    return ry.reshape(B, 4, NH * d)
+    return recurrent_preact_heads(h, R).reshape(h.shape[0], 4, -1)
+
+
+def slstm_step(x: torch.Tensor, R: torch.Tensor, b: torch.Tensor, state: sLSTMState,
+               forget_gate: str = "sigmoid") -> tuple[torch.Tensor, sLSTMState]:
+    """One time step of the cell. x: (B, 4*E) input pre-activations in the state dtype; R: (NH, d, 4, d);
+    b: (4*E,); state: (h, c, n, m), each (B, E). Returns h (B, E) and the new state."""
+    B, (NH, d) = x.shape[0], R.shape[:2]
+    pre = x.view(B, 4, NH, d) + recurrent_preact_heads(state.h, R) + b.view(4, NH, d)  # laid out as x: no copy
+    pre = pre.reshape(B, 4, NH * d)  # (B, 4, E)
+    new = slstm_pointwise(pre, state, forget_gate)
+    return new.h, new
 
 
 def slstm_recurrent(x, R, b, state: sLSTMState, forget_gate: str = "sigmoid") -> tuple[torch.Tensor, sLSTMState]:
     """x: (B, S, 4*E) in the state dtype; R: (NH, d, 4, d); b: (4*E,). Returns h (B, S, E) and final state."""
-    B, S = x.shape[:2]
-    x = x.view(B, S, 4, -1)
-    b = b.view(4, -1)
     hs = []
     for t in range(x.shape[1]):
-        pre = x[:, t] + recurrent_preact(state.h, R) + b
-        state = slstm_pointwise(pre, state, forget_gate)
-        hs.append(state.h)
+        h, state = slstm_step(x[:, t], R, b, state, forget_gate)
+        hs.append(h)
     return torch.stack(hs, dim=1), state
 
 
-__all__ = ["slstm_recurrent", "slstm_pointwise", "recurrent_preact", "log_forget"]
+def slstm_decode(x: torch.Tensor, R: torch.Tensor, b: torch.Tensor, state: Optional[tuple] = None, *,
+                 forget_gate: str = "sigmoid") -> tuple[torch.Tensor, sLSTMState]:
+    """One generation step for a batch of single tokens, without the whole-sequence machinery.
+
+    x: (B, 4*E) gate pre-activations from the input (any float dtype); R, b as in ``slstm``; state: optional
+    (h, c, n, m), each (B, E). Returns h (B, E) in the dtype of x and the new sLSTMState (float32, float64
+    for float64 x), equal to ``slstm(x[:, None], R, b, state, return_state=True)`` bit for bit on the
+    PyTorch backends. Plain PyTorch: 22 non-view aten ops (the fused sequence path took 48 for one token),
+    no autograd Function, no host reads, so it compiles into one graph (and a CUDA graph).
+    """
+    B, _, E, _, _ = check_inputs(x[:, None], R, b, state, forget_gate)
+    sdt = state_dtype(x.dtype)
+    st = initial_state(state, B, E, sdt, x.device)
+    h, new = slstm_step(x.to(sdt), R.to(sdt), b.to(sdt), st, forget_gate)
+    return h.to(x.dtype), new
+
+
+__all__ = ["slstm_recurrent", "slstm_step", "slstm_decode", "slstm_pointwise", "recurrent_preact",
+           "recurrent_preact_heads", "log_forget"]
