@@ -361,9 +361,16 @@ class xLSTMLargeLM(nn.Module):
         if isinstance(self.backbone.out_norm, RMSNorm):
             self.backbone.out_norm.reset_parameters()
 
-    def set_backends(self, mlstm: str = "auto", slstm: str = "auto", chunk_size: int = 64) -> "xLSTMLargeLM":
-        """Choose the mLSTM kernels at run time (not saved with the model); ``slstm`` is accepted and unused."""
-        self.backends = Backends(mlstm=mlstm, slstm=slstm, chunk_size=chunk_size)
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The residual blocks (``backbone.blocks``): the units that FSDP shards one by one."""
+        return self.backbone.blocks
+
+    def set_backends(self, mlstm: str = "auto", slstm: str = "auto", chunk_size: Optional[int] = None) -> "xLSTMLargeLM":
+        """Choose the mLSTM kernels at run time (not saved with the model); ``slstm`` is accepted and unused;
+        ``chunk_size`` None keeps the backend's default."""
+        chunk = {} if chunk_size is None else {"chunk_size": chunk_size}
+        self.backends = Backends(mlstm=mlstm, slstm=slstm, **chunk)
         return self
 
     def set_activation_checkpointing(self, enabled: bool = True) -> "xLSTMLargeLM":
