@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .errors import UserError
 
@@ -88,6 +88,7 @@ def _decode_step(model: torch.nn.Module, tok: torch.Tensor, state):
 
 
 _COMPILED_STEPS: dict = {}  # (backend, mode) -> torch.compile(_decode_step)
+_COMPILE_FAILURES: dict = {}  # (compile, device type, model class, state shapes) -> why it did not compile
 
 
 def compiled_decode_step(compile: Union[bool, str, Callable], device: torch.device) -> tuple[Callable, bool]:
@@ -104,6 +105,19 @@ def compiled_decode_step(compile: Union[bool, str, Callable], device: torch.devi
     if key not in _COMPILED_STEPS:
         _COMPILED_STEPS[key] = torch.compile(_decode_step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
     return _COMPILED_STEPS[key], mode == "reduce-overhead"
+
+
+def _run_step(step: Callable, cuda_graph: bool, model, tok: torch.Tensor, state):
+    """``step(model, tok, state)``; for a CUDA-graph step, marks the start of a new step first and returns
+    clones of the new state. A replay's outputs live in the graph's memory pool, overwritten by the next
+    replay; fed back as inputs, they would be taken at their (alternating) addresses and make every step
+    record the graph again. Clones are ordinary tensors, which a replay copies into its own input buffers.
+    The logits are not cloned: they are sampled before the next replay."""
+    if not cuda_graph:
+        return step(model, tok, state)
+    torch.compiler.cudagraph_mark_step_begin()
+    last, state = step(model, tok, state)
+    return last, tree_map_only(torch.Tensor, torch.clone, state)
 
 
 def _shapes(state) -> list[tuple[int, ...]]:
@@ -189,19 +203,23 @@ def generate(
                     break
             if pos + 1 == T:
                 break
-            if cuda_graph:
-                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are inputs now, not kept
             try:
-                last, state = step(model, tok[:, None], state)
+                last, state = _run_step(step, cuda_graph, model, tok[:, None], state)
             except Exception as e:  # noqa: BLE001 - a model the compiler cannot take decodes eagerly
                 if step is _decode_step:
                     raise
+                _COMPILE_FAILURES[failure_key] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
                 warnings.warn(f"generate(compile={compile!r}): the decode step did not compile, decoding eagerly "
-                              f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})", stacklevel=3)
+                              f"({_COMPILE_FAILURES[failure_key]})", stacklevel=3)
                 step, cuda_graph = _decode_step, False
                 last, state = step(model, tok[:, None], state)
             if compile and pos == common and _shapes(state) == shapes:  # a fixed-size state: static shapes
-                step, cuda_graph = compiled_decode_step(compile, device)
+                failure_key = (compile, device.type, type(model), tuple(shapes))
+                if failure_key in _COMPILE_FAILURES:
+                    warnings.warn(f"generate(compile={compile!r}): decoding eagerly, the decode step of this model "
+                                  f"did not compile before ({_COMPILE_FAILURES[failure_key]})", stacklevel=3)
+                else:
+                    step, cuda_graph = compiled_decode_step(compile, device)
         if not texts:  # the one host read of the whole call
             rows = seq[:, common:].tolist()
             out = [row[n - common:n - common + max_new_tokens] for row, n in zip(rows, lens)]
