@@ -82,7 +82,7 @@ class xLSTMLM(nn.Module):
                 block.ffn.reset_parameters()
         self.post_norm.reset_parameters()
 
-    def set_backends(self, mlstm: str = "auto", slstm: str = "auto", chunk_size: int = 64) -> "xLSTMLM":
+    def set_backends(self, mlstm: str = "auto", slstm: str = "auto", chunk_size: Optional[int] = None) -> "xLSTMLM":
         """Choose the kernels at run time (not saved with the model)."""
         self.backends = Backends(mlstm=mlstm, slstm=slstm, chunk_size=chunk_size)
         return self

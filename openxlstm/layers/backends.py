@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -11,12 +12,12 @@ class Backends:
 
     mlstm: "auto" | "chunkwise" | "parallel" | "recurrent" | "triton"
     slstm: "auto" | "fused" | "recurrent" | "triton"
-    chunk_size: chunk length of the chunkwise mLSTM.
+    chunk_size: chunk length of the chunkwise mLSTM (None: each backend's default).
     """
 
     mlstm: str = "auto"
     slstm: str = "auto"
-    chunk_size: int = 64
+    chunk_size: Optional[int] = None
 
     def __post_init__(self):
         from ..ops.mlstm import BACKENDS as M
@@ -26,5 +27,5 @@ class Backends:
             raise ValueError(f"unknown mLSTM backend {self.mlstm!r}; choose one of {M}")
         if self.slstm not in S:
             raise ValueError(f"unknown sLSTM backend {self.slstm!r}; choose one of {S}")
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple, Optional
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import xLSTMConfig
-from ..ops.mlstm import mlstm, mlstm_decode
+from ..ops.mlstm import mlstm, mlstm_backward, mlstm_decode, mlstm_forward_saving, resolve_backend
 from .backends import Backends
 from .common import BlockDiagonalLinear, CausalConv, MultiHeadNorm, small_init_, wang_init_
 
@@ -65,34 +66,148 @@ class mLSTMLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: Optional[mLSTMLayerState] = None, backends: Backends = Backends()):
         """x: (B, S, E) (normalized) -> (y (B, S, E), new mLSTMLayerState)."""
-        B, S, _ = x.shape
-        NH, DH = self.num_heads, self.head_dim
-        x_m, z = self.proj_up(x).chunk(2, dim=-1)  # (B, S, I) each
-        conv_state = None
+        xz = self.proj_up(x)  # (B, S, 2I): [x_m | z]
+        if xz.shape[1] == 1 and backends.mlstm in ("auto", "recurrent", "triton"):
+            a, new_state = self._step(xz, state, backends)
+        elif torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            st = (None,) * 4 if state is None else tuple(state)
+            a, *new = _mLSTMCore.apply(self, backends, state is not None, xz, *st, *self._core_params())
+            new_state = mLSTMLayerState(*new)
+        else:
+            a, new_state = self._core(xz, state, partial(mlstm, backend=backends.mlstm,
+                                                         chunk_size=backends.chunk_size, return_state=True))
+        return self.dropout(self.proj_down(a)), new_state
+
+    # the layer between its two projections -------------------------------------------------------------
+    def _core_params(self) -> list[nn.Parameter]:
+        """The parameters used between proj_up and proj_down, in a fixed order."""
+        mods = [self.conv, self.q_proj, self.k_proj, self.v_proj, self.igate, self.fgate, self.outnorm]
+        return [p for m in mods if m is not None for p in m.parameters()] + [self.skip]
+
+    def _qkv_gates(self, xz, conv_state):
+        """xz (B, S, 2I) -> q, k (B, NH, S, DH), v (B, NH, S, DH), i, f (B, NH, S), x_c, z (B, S, I), conv state."""
+        B, S, _ = xz.shape
+        x_m, z = xz.chunk(2, dim=-1)
         if self.conv is not None:
-            x_c, conv_state = self.conv(x_m, None if state is None else state.conv)
+            x_c, conv_state = self.conv(x_m, conv_state)
             x_c = F.silu(x_c)
         else:
-            x_c = x_m
+            x_c, conv_state = x_m, None
         q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)  # (B, S, I)
         qkv = torch.cat([q, k, v], dim=-1)
         i, f = self.igate(qkv), self.fgate(qkv)  # (B, S, NH)
 
-        def heads(t):  # (B, S, I) -> (B, NH, S, DH)
-            return t.view(B, S, NH, DH).transpose(1, 2)
+        def heads(t):  # (B, S, I) -> (B, NH, S, DH), a view
+            return t.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
 
-        cell_state = None if state is None else (state.C, state.n, state.m)
-        if S == 1 and backends.mlstm in ("auto", "recurrent", "triton"):  # decode: the fused step
-            h, cell = mlstm_decode(q.view(B, NH, DH), k.view(B, NH, DH), v.view(B, NH, DH),
-                                   i.view(B, NH), f.view(B, NH), cell_state, backend=backends.mlstm)
-            h = h[:, None]  # (B, 1, NH, DH)
-        else:
-            h, cell = mlstm(heads(q), heads(k), heads(v), i.transpose(1, 2), f.transpose(1, 2), cell_state,
-                            backend=backends.mlstm, chunk_size=backends.chunk_size, return_state=True)
-            h = h.transpose(1, 2)  # (B, S, NH, DH)
-        h = self.outnorm(h)  # (B, S, I)
-        y = self.proj_down((h + self.skip * x_c) * F.silu(z))
-        return self.dropout(y), mLSTMLayerState(conv_state, *cell)
+        return heads(q), heads(k), heads(v), i.transpose(1, 2), f.transpose(1, 2), x_c, z, conv_state
+
+    def _out(self, h, x_c, z):
+        """h (B, NH, S, DH) -> the input of proj_down (B, S, I): (norm(h) + skip * x_c) * silu(z)."""
+        return (self.outnorm(h.transpose(1, 2)) + self.skip * x_c) * F.silu(z)
+
+    def _core(self, xz, state, cell):
+        """The whole core with ``cell(q, k, v, i, f, cell_state) -> (h, mLSTMState)``."""
+        q, k, v, i, f, x_c, z, conv_state = self._qkv_gates(xz, None if state is None else state.conv)
+        h, cell_state = cell(q, k, v, i, f, None if state is None else (state.C, state.n, state.m))
+        return self._out(h, x_c, z), mLSTMLayerState(conv_state, *cell_state)
+
+    def _step(self, xz, state, backends):
+        """One token per sequence (decoding) with the fused step."""
+        B = xz.shape[0]
+        q, k, v, i, f, x_c, z, conv_state = self._qkv_gates(xz, None if state is None else state.conv)
+        h, cell = mlstm_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], f[..., 0],
+                               None if state is None else (state.C, state.n, state.m), backend=backends.mlstm)
+        return self._out(h.view(B, self.num_heads, 1, self.head_dim), x_c, z), mLSTMLayerState(conv_state, *cell)
+
+
+class _mLSTMCore(torch.autograd.Function):
+    """The mLSTM layer between its projections, keeping for backward only xz (B, S, 2I), the cell's output and
+    its small per-token statistics (Triton) or nothing more (PyTorch backends): everything else (conv, q/k/v
+    projections, gates, the output norm and gating) is recomputed in backward, where it costs little.
+
+    Inputs: layer, backends, has_state, xz, the state's conv, C, n, m (None without a state), then the core
+    parameters; outputs: a (B, S, I) and the new state's conv, C, n, m. Gradients reach xz, the parameters
+    and the carried C, n and conv window (not m). Under autocast the backward recomputes
+    under the same autocast settings, so the recomputed values equal the forward's.
+    """
+
+    @staticmethod
+    def forward(ctx, layer, backends, has_state, xz, conv0, C0, n0, m0, *params):
+        state = mLSTMLayerState(conv0, C0, n0, m0) if has_state else None
+        dev = xz.device.type
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        name = resolve_backend(backends.mlstm, xz.device)
+        cell_saved = {}
+
+        def cell(q, k, v, i, f, cell_state):
+            h, final, saved = mlstm_forward_saving(q, k, v, i, f, cell_state, backend=name,
+                                                   chunk_size=backends.chunk_size)
+            cell_saved["saved"] = saved
+            return h, final
+
+        with torch.no_grad():
+            a, new_state = layer._core(xz, state, cell)
+        saved = cell_saved["saved"]
+        h32, stats = (None, None) if saved is None else saved
+        ctx.save_for_backward(xz, conv0, C0, n0, m0, h32, stats)
+        ctx.layer, ctx.backend, ctx.chunk_size = layer, name, backends.chunk_size
+        ctx.has_state, ctx.triton = has_state, saved is not None
+        ctx.mark_non_differentiable(new_state.m)
+        return (a, *new_state)
+
+    @staticmethod
+    def backward(ctx, da, d_conv, dC, dn, _dm):
+        xz, conv0, C0, n0, m0, h32, stats = ctx.saved_tensors
+        layer = ctx.layer
+        params = layer._core_params()
+        dev = xz.device.type
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+            xz_ = xz.detach().requires_grad_()
+            conv_ = None if conv0 is None else conv0.detach().requires_grad_()
+            q, k, v, i, f, x_c, z, conv_new = layer._qkv_gates(xz_, conv_)
+            leaves = [xz_] + ([conv_] if conv_ is not None else []) + params
+            outs, grads = [], []
+            if conv_new is not None and d_conv is not None:
+                outs.append(conv_new)
+                grads.append(d_conv)
+            if not ctx.triton:  # PyTorch cell: run it again under autograd, one backward for everything
+                st = None if not ctx.has_state else (C0.detach().requires_grad_(), n0.detach().requires_grad_(), m0)
+                h, (C, n, _) = mlstm(q, k, v, i, f, st, backend=ctx.backend, chunk_size=ctx.chunk_size,
+                                     return_state=True)
+                outs.append(layer._out(h, x_c, z))
+                grads.append(da)
+                for t, g in ((C, dC), (n, dn)):
+                    if g is not None:
+                        outs.append(t)
+                        grads.append(g)
+                got = torch.autograd.grad(outs, leaves + (list(st[:2]) if st is not None else []), grads,
+                                          allow_unused=True)
+                dC0, dn0 = (got[-2], got[-1]) if st is not None else (None, None)
+                got = got[:len(leaves)]
+            else:  # Triton cell: its saved output and statistics, its own backward
+                h_leaf = h32.to(v.dtype).requires_grad_()
+                outs.append(layer._out(h_leaf, x_c, z))
+                grads.append(da)
+                got_out = torch.autograd.grad(outs, [h_leaf] + leaves, grads, retain_graph=True, allow_unused=True)
+                dh = got_out[0]
+                dq, dk, dv, di, df, dC0, dn0 = mlstm_backward(
+                    q.detach(), k.detach(), v.detach(), i.detach(), f.detach(),
+                    None if not ctx.has_state else (C0, n0, m0), (h32, stats), dh, dC, dn,
+                    chunk_size=ctx.chunk_size)
+                got_cell = torch.autograd.grad([q, k, v, i, f], leaves, [dq, dk, dv, di, df], allow_unused=True)
+                got = [_add(a, b) for a, b in zip(got_out[1:], got_cell)]
+        d_xz = got[0]
+        d_conv0 = got[1] if conv_ is not None else None
+        d_params = got[1 + (conv_ is not None):]
+        return (None, None, None, d_xz, d_conv0, dC0, dn0, None, *d_params)
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 __all__ = ["mLSTMLayer", "mLSTMLayerState"]

@@ -17,6 +17,7 @@ from .parallel import mlstm_parallel
 from .recurrent import mlstm_recurrent, mlstm_step
 
 BACKENDS = ("auto", "recurrent", "parallel", "chunkwise", "triton")
+CHUNKWISE_DEFAULT = 64  # chunk of the PyTorch chunkwise form (the Triton kernels default to 256)
 
 
 def triton_available(device: torch.device) -> bool:
@@ -48,7 +49,7 @@ def mlstm(
     state: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     *,
     backend: str = "auto",
-    chunk_size: int = 64,
+    chunk_size: Optional[int] = None,
     eps: float = 1e-6,
     return_state: bool = False,
 ):
@@ -60,7 +61,8 @@ def mlstm(
         i, f: (B, NH, S) input- and forget-gate pre-activations (input gate exponential, forget gate sigmoid).
         state: optional (C (B, NH, d_qk, d_v), n (B, NH, d_qk), m (B, NH)) to continue a sequence.
         backend: "auto", "recurrent", "parallel", "chunkwise" or "triton" (CUDA).
-        chunk_size: chunk length L of the chunkwise backends; any S >= 1 is accepted.
+        chunk_size: chunk length L of the chunkwise backends (default: the backend's own, 64 for "chunkwise"
+            and 256 for "triton"); any S >= 1 is accepted and the result does not depend on it beyond rounding.
         eps: added to the normalizer's denominator.
         return_state: also return the final state.
 
@@ -69,8 +71,8 @@ def mlstm(
         Inputs and the caller's state are never modified.
     """
     B, NH, S, dqk, dv = check_inputs(q, k, v, i, f, state)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"mlstm: chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"mlstm: chunk_size must be a positive int or None, got {chunk_size!r}")
     name = resolve_backend(backend, q.device)
     if name == "triton":
         from .triton import mlstm_triton
@@ -83,9 +85,56 @@ def mlstm(
         elif name == "parallel":
             h, final = mlstm_parallel(q, k, v, i, f, st, eps=eps)
         else:
-            h, final = mlstm_chunkwise(q, k, v, i, f, st, chunk_size=chunk_size, eps=eps)
+            h, final = mlstm_chunkwise(q, k, v, i, f, st, chunk_size=chunk_size or CHUNKWISE_DEFAULT, eps=eps)
     h = h.to(v.dtype)
     return (h, mLSTMState(*final)) if return_state else h
+
+
+def mlstm_forward_saving(q, k, v, i, f, state=None, *, backend: str = "auto", chunk_size: Optional[int] = None,
+                         eps: float = 1e-6):
+    """The cell without autograd, keeping what ``mlstm_backward`` needs: (h, final mLSTMState, saved).
+
+    For the Triton backend ``saved`` holds h in float32 and per-token statistics (the chunk states are
+    recomputed by the backward); for the PyTorch backends it is None: their backward runs the forward again
+    under autograd. Used by layers that recompute their cheap parts instead of keeping them (layers/mlstm.py).
+    """
+    check_inputs(q, k, v, i, f, state)
+    name = resolve_backend(backend, q.device)
+    with torch.no_grad():
+        if name == "triton" and q.dtype != torch.float64:
+            from .triton import mlstm_triton_forward
+
+            C0, n0, m0 = (None, None, None) if state is None else state
+            h, h32, C, n, m, stats = mlstm_triton_forward(q, k, v, i, f, C0, n0, m0, chunk_size, eps)
+            return h, mLSTMState(C, n, m), (h32, stats)
+        h, final = mlstm(q, k, v, i, f, state, backend=name, chunk_size=chunk_size, eps=eps, return_state=True)
+        return h, final, None
+
+
+def mlstm_backward(q, k, v, i, f, state, saved, dh, dC=None, dn=None, *, backend: str = "auto",
+                   chunk_size: Optional[int] = None, eps: float = 1e-6):
+    """Gradients (dq, dk, dv, di, df, dC0, dn0) of ``mlstm_forward_saving``'s outputs h, C, n given dh, dC,
+    dn (dC, dn may be None; dC0, dn0 are None without a state)."""
+    if saved is not None:
+        from .triton import mlstm_triton_backward
+
+        C0, n0, m0 = (None, None, None) if state is None else state
+        h32, stats = saved
+        return mlstm_triton_backward(q, k, v, i, f, C0, n0, m0, h32, stats, dh, dC, dn, chunk_size, eps)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, i, f)]
+        st = None if state is None else (state[0].detach().requires_grad_(), state[1].detach().requires_grad_(),
+                                          state[2].detach())
+        h, (C, n, _) = mlstm(*leaves, st, backend=backend, chunk_size=chunk_size, eps=eps, return_state=True)
+        outs, grads = [h], [dh]
+        for t, g in ((C, dC), (n, dn)):
+            if g is not None:
+                outs.append(t)
+                grads.append(g)
+        inputs = leaves + ([] if st is None else list(st[:2]))
+        got = torch.autograd.grad(outs, inputs, grads, allow_unused=True)
+    got = [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs)]
+    return (*got[:5], *(got[5:] if st is not None else (None, None)))
 
 
 def mlstm_decode(
@@ -120,6 +169,8 @@ def mlstm_decode(
 
 __all__ = [
     "mlstm_decode",
+    "mlstm_forward_saving",
+    "mlstm_backward",
     "BACKENDS",
     "M_FLOOR",
     "mLSTMState",

@@ -1,0 +1,109 @@
+"""The mLSTM layer's memory-saving core (recompute in backward) against the same layer run under plain
+autograd: outputs, final states and every gradient (input, parameters, carried state), for each backend."""
+
+from functools import partial
+
+import pytest
+import torch
+from conftest import rel_err
+
+from openxlstm import xLSTMConfig
+from openxlstm.layers import Backends, mLSTMLayer, mLSTMLayerState
+from openxlstm.layers.common import BlockDiagonalLinear
+from openxlstm.ops.mlstm import mlstm
+
+CASES = [  # backend, dtype, S, with_state, conv kernel
+    ("chunkwise", torch.float64, 37, False, 4),
+    ("chunkwise", torch.float64, 37, True, 4),
+    ("parallel", torch.float64, 20, True, 0),
+    ("recurrent", torch.float64, 9, True, 4),
+    ("triton", torch.float32, 37, True, 4),
+    ("triton", torch.float32, 21, False, 0),
+]
+
+
+def _layer(dtype, conv):
+    torch.manual_seed(0)
+    cfg = xLSTMConfig(vocab_size=11, embedding_dim=32, num_blocks=2, mlstm_num_heads=2, mlstm_conv_kernel=conv,
+                      bias=True)
+    layer = mLSTMLayer(cfg).to(dtype)
+    with torch.no_grad():  # gates that matter: the reference init has zero gate weights
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return layer
+
+
+def _state(layer, B, dtype, conv):
+    g = torch.Generator().manual_seed(7)
+    I, NH, DH = layer.inner_dim, layer.num_heads, layer.head_dim
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    return mLSTMLayerState(
+        torch.randn(B, conv - 1, I, generator=g, dtype=dtype) if conv else None,
+        torch.randn(B, NH, DH, DH, generator=g, dtype=sdt), torch.randn(B, NH, DH, generator=g, dtype=sdt).abs(),
+        torch.randn(B, NH, generator=g, dtype=sdt))
+
+
+def _run(layer, x, state, backends, plain: bool):
+    leaves = [x] + [t for t in (state or ()) if t is not None and t.dtype.is_floating_point]
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    x_ = leaves[0]
+    st = None
+    if state is not None:
+        it = iter(leaves[1:])
+        st = mLSTMLayerState(*(None if t is None else next(it) for t in state))
+        st = st._replace(m=st.m.detach())
+    if plain:  # the same maths with autograd keeping everything
+        xz = layer.proj_up(x_)
+        a, new = layer._core(xz, st, partial(mlstm, backend=backends.mlstm, chunk_size=backends.chunk_size,
+                                             return_state=True))
+        y = layer.proj_down(a)
+    else:
+        y, new = layer(x_, st, backends)
+    w = torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)
+    loss = (y * w).sum() + new.C.sum() * 0.1 + new.n.sum() * 0.2
+    if new.conv is not None:
+        loss = loss + new.conv.sum() * 0.3
+    params = [p for p in layer.parameters()]
+    grads = torch.autograd.grad(loss, leaves[:1] + leaves[1:-1] + params)  # m is not differentiable
+    return [y, new.C, new.n, new.m] + list(grads)
+
+
+@pytest.mark.parametrize("backend,dtype,S,with_state,conv", CASES)
+def test_core_equals_plain_autograd(backend, dtype, S, with_state, conv):
+    layer = _layer(dtype, conv)
+    B = 2
+    x = torch.randn(B, S, 32, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    state = _state(layer, B, dtype, conv) if with_state else None
+    backends = Backends(mlstm=backend, chunk_size=16)
+    fast = _run(layer, x, state, backends, plain=False)
+    ref = _run(layer, x, state, backends, plain=True)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for j, (a, b) in enumerate(zip(fast, ref)):
+        assert rel_err(a, b) <= tol, (j, rel_err(a, b))
+
+
+def test_core_keeps_little_for_backward():
+    """Saved for backward by the layer: xz (2I per token) and the cell's output at most, not the conv output,
+    q, k, v, gates or norm outputs (about 9 I per token under plain autograd)."""
+    layer = _layer(torch.float32, 4)
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        layer(x, None, Backends(mlstm="chunkwise"))
+    params = sum(p.numel() for p in layer.parameters())
+    per_token = (sum(sizes) - params) / 80
+    assert per_token <= 4 * layer.inner_dim, per_token
+
+
+def test_block_diagonal_linear_saves_its_input_only():
+    lin = BlockDiagonalLinear(32, 8).double()
+    x = torch.randn(3, 5, 32, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lin(x)
+    assert all(t.data_ptr() in (x.data_ptr(), lin.weight.data_ptr()) for t in saved)
+    ref = torch.einsum("...hi,hoi->...ho", x.view(3, 5, 8, 4), lin.weight).reshape(3, 5, 32)
+    g = torch.randn_like(y)
+    assert rel_err(y, ref) <= 1e-15
+    for a, b in zip(torch.autograd.grad(y, (x, lin.weight), g), torch.autograd.grad(ref, (x, lin.weight), g)):
+        assert rel_err(a, b) <= 1e-14
