@@ -32,18 +32,14 @@ for the alternatives, plus two probe jobs that crash and hang on purpose):
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
-import platform
-import shlex
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _jobs import ROOT, environment, failure_reason, header, read_rows, run_worker, short_error, worker_env
+from _jobs import append_row as _append_row
+
 FIELDS = ["job", "group", "shape", "impl", "fwd_ms", "fwdbwd_ms", "peak_gb", "extra_gb", "note", "status"]
 GB = 1e9
 
@@ -127,21 +123,7 @@ def plan(smoke: bool, flashrnn_cuda: bool = False, xlstm_cuda: bool = False) -> 
 # Rows: appended to the CSV as they are measured (by the workers and by the parent)
 # ---------------------------------------------------------------------------------------------------------
 def append_row(path: Path, row: dict) -> None:
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in FIELDS})
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    _append_row(path, FIELDS, row)
 
 
 def row_key(group, shape, impl) -> tuple:
@@ -487,14 +469,6 @@ class Worker:
         return {}
 
 
-def short_error(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    msg = f"{type(e).__name__}: {text[0] if text else ''}"
-    if "out of memory" in msg.lower():
-        return "out of memory"
-    return msg[:160]
-
-
 def worker_main(args) -> None:
     jobs = {j["name"]: j for j in plan(args.interpret_smoke, args.flashrnn_cuda, args.xlstm_cuda)}
     Worker(Path(args.csv), jobs[args.worker], args.deadline, args.interpret_smoke).run()
@@ -503,16 +477,6 @@ def worker_main(args) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Parent side: run the jobs under the budget, then write the table
 # ---------------------------------------------------------------------------------------------------------
-def failure_reason(rc: int, stderr: str, timed_out: bool, cap: float) -> str:
-    if timed_out:
-        return f"failed: timeout after {cap:.0f} s"
-    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
-    keep = [ln for ln in lines if "error" in ln.lower() or "abort" in ln.lower() or "assert" in ln.lower()]
-    last = (keep or lines or [""])[-1][:160]
-    how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
-    return f"failed: {how}" + (f": {last}" if last else "")
-
-
 def run_job(job: dict, args, csv_path: Path, log_path: Path, t_end: float) -> str:
     """Run one job in a subprocess; returns a one-line outcome. Rows it did not write become failed rows."""
     left = t_end - time.time()
@@ -527,61 +491,20 @@ def run_job(job: dict, args, csv_path: Path, log_path: Path, t_end: float) -> st
     cmd += ["--interpret-smoke"] if args.interpret_smoke else []
     cmd += ["--flashrnn-cuda"] if args.flashrnn_cuda else []
     cmd += ["--xlstm-cuda"] if args.xlstm_cuda else []
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # autotune results reused by later processes
-    if args.interpret_smoke:
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env.pop("TRITON_INTERPRET", None)
-    t0 = time.time()
-    with open(log_path, "a") as log:
-        log.write(f"\n===== job {job['name']} (cap {cap:.0f} s): {shlex.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        timed_out = False
-        try:
-            _, err = proc.communicate(timeout=cap)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, err = proc.communicate()
-        log.write(err or "")
-        log.write(f"===== job {job['name']}: exit {proc.returncode} after {time.time() - t0:.1f} s\n")
+    rc, err, timed_out, seconds = run_worker(cmd, cap, log_path, worker_env(args.interpret_smoke), f"job {job['name']}")
     done = {row_key(r["group"], r["shape"], r["impl"]) for r in read_rows(csv_path) if r["job"] == job["name"]}
     missing = [k for k in planned if k not in done]
-    if missing or proc.returncode != 0:
-        reason = failure_reason(proc.returncode, err or "", timed_out, cap)
+    if missing or rc != 0:
+        reason = failure_reason(rc, err, timed_out, cap)
         for g, s, i in missing:
             append_row(csv_path, {"job": job["name"], "group": g, "shape": s, "impl": i, "status": reason})
         return f"{reason} ({len(missing)} of {len(planned)} rows not measured)"
-    return f"ok in {time.time() - t0:.0f} s"
-
-
-def environment() -> dict:
-    """Device and versions, read in a subprocess (the parent never initialises CUDA)."""
-    code = ("import json, torch, platform\n"
-            "try:\n import triton; tv = triton.__version__\nexcept Exception as e: tv = 'not importable'\n"
-            "c = torch.cuda.is_available()\n"
-            "print(json.dumps({'device': torch.cuda.get_device_name() if c else 'CPU (no CUDA)', 'torch': torch.__version__,"
-            " 'cuda': torch.version.cuda, 'triton': tv, 'python': platform.python_version(),"
-            " 'mem_gb': round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1) if c else None}))\n")
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except Exception as e:
-        return {"device": f"unknown ({type(e).__name__})", "torch": "?", "cuda": None, "triton": "?", "python": platform.python_version()}
+    return f"ok in {seconds:.0f} s"
 
 
 def markdown(rows: list[dict], env: dict, argv: list[str], outcomes: list[tuple[str, str]], elapsed: float, budget: float) -> str:
     smoke = "--interpret-smoke" in argv
-    lines = [
-        "# GPU kernel benchmarks",
-        "",
-        f"- device: {env.get('device')}" + (f" ({env['mem_gb']} GB)" if env.get("mem_gb") else ""),
-        f"- torch {env.get('torch')} (CUDA {env.get('cuda')}), triton {env.get('triton')}, Python {env.get('python')}",
-        f"- command: `{shlex.join(['python', 'benchmarks/gpu_kernels.py'] + argv[1:])}`",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; wall time {elapsed:.0f} s of a {budget:.0f} s budget",
+    lines = header("GPU kernel benchmarks", env, ["python", "benchmarks/gpu_kernels.py"] + argv[1:], elapsed, budget) + [
         "- bfloat16 inputs (random), median milliseconds by `triton.testing.do_bench` after a warm-up call (calls over",
         "  200 ms: median of 3); peak GB = `torch.cuda.max_memory_allocated` during one forward+backward, inputs and",
         "  gradients included (extra = above what was allocated before the call).",
