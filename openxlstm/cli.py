@@ -14,11 +14,23 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
+from .data import load_data
 from .errors import UserError
+from .evaluate import evaluate_contexts, format_table
 from .experiments import cli as experiments_cli
+from .generation import generate
+from .train.checkpoint import load_model, read_meta, resolve_checkpoint
+from .train.distributed import DistInfo
+from .train.engine import resolve_device
+from .train.loop import TrainConfig, train
+from .train.metrics import plot_losses
 
 # flags whose value is fixed by the checkpoint when resuming
 _MODEL_FIELDS = ("arch", "model", "preset", "size", "data", "tokenizer", "val_fraction", "bin_dtype")
+# flags that a resumed run does not take from the checkpoint: how it is launched now decides
+_LAUNCH_FIELDS = ("fsdp", "stop_at")
 
 
 def _positive_int(text: str) -> int:
@@ -60,7 +72,15 @@ def _train_parser(sub) -> None:
     g.add_argument("--seed", type=int, help="seed (default 0)")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on GPU)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the model (each block under --fsdp); the first steps are slower. BACKEND: "
+                        "inductor (default), or another torch.compile backend such as aot_eager")
+    g.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute each block's forward during backward instead of keeping its activations: "
+                        "less memory for about one more forward pass")
+    g.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard parameters, gradients and optimizer state over the processes "
+                        "(FSDP2; bf16 parameters on GPU) instead of DDP; checkpoints are sharded (DCP)")
     g.add_argument("--eval-every", type=_positive_int, help="validate every N steps (default 200)")
     g.add_argument("--eval-tokens", type=_positive_int, help="validation tokens per evaluation (default 65536)")
     g.add_argument("--log-every", type=_positive_int, help="metrics CSV row every N steps (default 10)")
@@ -134,9 +154,6 @@ def _read_model_config(text: str) -> tuple[Optional[str], dict]:
 
 
 def _train_config(args) -> tuple:
-    from .train.checkpoint import read_meta, resolve_checkpoint
-    from .train.loop import TrainConfig
-
     known = {f.name for f in fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in known and v is not None}
     if args.config is not None:
@@ -157,19 +174,18 @@ def _train_config(args) -> tuple:
                             f"model and data")
     if "out" not in given and args.resume != "auto":
         given["out"] = str(ckpt.parent if (ckpt.parent / "latest").is_file() else ckpt)
-    merged = {**{f.name: getattr(saved, f.name) for f in fields(TrainConfig)}, **given}
+    inherited = {f.name: getattr(saved, f.name) for f in fields(TrainConfig) if f.name not in _LAUNCH_FIELDS}
+    merged = {**inherited, **given}
     return TrainConfig(**merged), str(ckpt)
 
 
 def cmd_train(args) -> int:
-    from .train.loop import train
-
     cfg, resume = _train_config(args)
     result = train(cfg, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         bpb = "" if result["val_bpb"] is None else f", {result['val_bpb']:.4f} bits/byte"
-        print(f"\ndone: {result['steps']} steps, {result['tokens']:,} tokens in {result['time_s'] / 60:.1f} min; "
-              f"validation loss {result['val_loss']:.4f}{bpb}")
+        val = "" if result["val_loss"] is None else f"; validation loss {result['val_loss']:.4f}{bpb}"
+        print(f"\ndone: {result['steps']} steps, {result['tokens']:,} tokens in {result['time_s'] / 60:.1f} min{val}")
         print(f"run directory: {result['checkpoint']} (checkpoint, metrics.csv, loss.png)")
         for prompt, text in result.get("samples", []):
             print(f"\n--- sample: {prompt!r}\n{prompt}{text}")
@@ -177,16 +193,10 @@ def cmd_train(args) -> int:
 
 
 def _load(checkpoint: str, device: str):
-    from .models import model_from_checkpoint
-    from .train.loop import resolve_device
-    from .train.distributed import DistInfo
-
-    return model_from_checkpoint(checkpoint, device=resolve_device(device, DistInfo()))
+    return load_model(checkpoint, device=resolve_device(device, DistInfo()))
 
 
 def cmd_generate(args) -> int:
-    from .generation import generate
-
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
@@ -210,11 +220,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import numpy as np
-
-    from .data import load_data
-    from .evaluate import evaluate_contexts, format_table
-
     try:
         contexts = [int(c) for c in args.context.split(",") if c.strip()]
     except ValueError:
@@ -241,8 +246,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .train.metrics import plot_losses
-
     runs = {}
     for run in args.runs:
         csv = Path(run) / "metrics.csv"

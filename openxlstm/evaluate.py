@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .train.loop import bits_per_byte, evaluate_loss
+from .train.engine import evaluate_model
+from .train.loop import bits_per_byte, lm_batches
 
 
 def evaluate_contexts(model, tokens: np.ndarray, contexts: Sequence[int], max_tokens: int = 65536,
@@ -17,8 +18,9 @@ def evaluate_contexts(model, tokens: np.ndarray, contexts: Sequence[int], max_to
     ``max_tokens`` target tokens in windows of C (batches of about ``batch_tokens`` tokens)."""
     rows = []
     for context in contexts:
-        loss, count = evaluate_loss(model, tokens, context, max_tokens, max(1, batch_tokens // context), device)
-        rows.append({"context": context, "tokens": count, "loss": loss, "ppl": math.exp(min(loss, 700.0)),
+        result = evaluate_model(model, lm_batches(tokens, context, max_tokens, max(1, batch_tokens // context)), device)
+        loss = result.loss
+        rows.append({"context": context, "tokens": result.tokens, "loss": loss, "ppl": math.exp(min(loss, 700.0)),
                      "bpb": bits_per_byte(loss, bytes_per_token)})
     return rows
 

@@ -1,7 +1,7 @@
 """The architecture registry: "xlstm", "lstm" and "transformer" map to their config and model classes.
 
-The training loop, checkpoints and generation only see ``build_model(arch, config_dict)``; they never need
-to know which architecture they handle.
+The training engine, checkpoints and generation only see ``build_model(arch, config_dict)``; they never need
+to know which architecture they handle. (A model from a checkpoint: ``openxlstm.train.load_model``.)
 """
 
 from __future__ import annotations
@@ -51,11 +51,4 @@ def arch_of(model: nn.Module) -> str:
     raise TypeError(f"{type(model).__name__} is not a registered architecture")
 
 
-def model_from_checkpoint(path, device="cpu"):
-    """(model, tokenizer, info) from a checkpoint directory (or a run directory with a ``latest`` pointer)."""
-    from .train.checkpoint import load_model
-
-    return load_model(path, device=device)
-
-
-__all__ = ["ARCHS", "build_model", "config_from_dict", "arch_of", "model_from_checkpoint"]
+__all__ = ["ARCHS", "build_model", "config_from_dict", "arch_of"]

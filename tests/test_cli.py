@@ -85,6 +85,9 @@ def test_bad_input_is_one_line(run, corpus, tmp_path, capsys):
         (["train", "--config", json.dumps({**TINY["lstm"], "vocab_size": 1000}), "--arch", "lstm", "--data",
           str(corpus), "--out", str(tmp_path / "o3")], "vocab"),
         (["eval", "--checkpoint", str(run), "--context", "100000000"], "larger than"),
+        (tiny_args("xlstm", corpus, tmp_path / "o4", extra=["--fsdp"]), "torchrun"),
+        (tiny_args("xlstm", corpus, tmp_path / "o5", extra=["--compile", "nonsense"]), "backend"),
+        (tiny_args("xlstm", corpus, tmp_path / "o6", extra=["--grad-accum", "3"]), "divisible"),
     ]
     for args, needle in cases:
         assert main(args) == 2, args

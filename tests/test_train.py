@@ -1,4 +1,5 @@
-"""Training: exact resume, DDP on 2 processes equal to 1, accumulation, checkpoints, sampler, schedule."""
+"""Training: the engine (token-weighted accumulation, activation checkpointing, compile), exact resume, DDP on
+2 processes equal to 1, accumulation, checkpoints, sampler, schedule. FSDP: test_fsdp.py."""
 
 import os
 import subprocess
@@ -15,9 +16,10 @@ from helpers_train import TINY, tiny_args, write_corpus
 from openxlstm.cli import main
 from openxlstm.data import BatchSampler
 from openxlstm.errors import UserError
-from openxlstm.models import build_model, model_from_checkpoint
-from openxlstm.train import CosineSchedule, TrainConfig, save_checkpoint, train
+from openxlstm.models import build_model
+from openxlstm.train import CosineSchedule, Engine, EngineConfig, TrainConfig, save_checkpoint, train
 from openxlstm.train import checkpoint as ckpt_mod
+from openxlstm.train import load_model as model_from_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +128,70 @@ def test_schedule_warmup_and_cosine():
     s = CosineSchedule(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=14)
     assert s.lr_at(0) == 0.25 and s.lr_at(3) == 1.0
     assert abs(s.lr_at(9) - 0.55) < 1e-12 and abs(s.lr_at(14) - 0.1) < 1e-12
+
+
+def tiny_engine(arch, seed=0, **config):
+    torch.manual_seed(seed)
+    model = build_model(arch, {**TINY[arch], "vocab_size": 64})
+    return Engine(model, CosineSchedule(lr=1e-2, min_lr=1e-3, warmup_steps=1, max_steps=4),
+                  EngineConfig(device="cpu", **config))
+
+
+def masked_batch(seed=0, rows=4, length=12):
+    """(input_ids, labels) with -100 in a different number of places per row (row j scores j + 3 tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 64, (rows, length), generator=g)
+    y = torch.randint(0, 64, (rows, length), generator=g)
+    for j in range(rows):
+        y[j, : length - (j + 3)] = -100
+    return x, y
+
+
+def test_engine_accumulation_weighs_tokens_not_micro_batches():
+    """Micro-batches with different numbers of scored tokens: 2 accumulation steps follow one full batch (the
+    loss is the mean over the global batch's scored tokens, not the mean of the micro-batch means)."""
+    x, y = masked_batch()
+    one, two = tiny_engine("transformer"), tiny_engine("transformer", grad_accum=2)
+    for _ in range(3):
+        assert abs(one.train_step(x, y) - two.train_step(x, y)) < 1e-6
+    for (name, a), b in zip(one.model.named_parameters(), two.model.parameters()):
+        assert rel_err(b, a) < 1e-5, name
+    with torch.no_grad():
+        full = tiny_engine("transformer").model(x, labels=y).loss
+    assert abs(tiny_engine("transformer").evaluate([(x[:1], y[:1]), (x[1:], y[1:])]).loss - float(full)) < 1e-6
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_engine_activation_checkpointing_same_training(arch):
+    """--activation-checkpointing reaches every architecture and trains exactly as without it."""
+    x, y = masked_batch(1)
+    plain, ckpt = tiny_engine(arch), tiny_engine(arch, activation_checkpointing=True)
+    assert ckpt.model.activation_checkpointing and not plain.model.activation_checkpointing
+    for _ in range(3):
+        assert abs(plain.train_step(x, y) - ckpt.train_step(x, y)) < 1e-6
+    for a, b in zip(plain.model.parameters(), ckpt.model.parameters()):
+        assert rel_err(b, a) < 1e-5
+
+
+def test_engine_accuracy_counts_scored_positions():
+    x, y = masked_batch(2)
+    engine = tiny_engine("lstm")
+    logits = engine.model(x)
+    hits = (logits.argmax(-1) == y)[y != -100]
+    result = engine.evaluate([(x, y)], accuracy=True)
+    assert result.tokens == int((y != -100).sum()) and result.accuracy == pytest.approx(float(hits.float().mean()))
+
+
+def test_compile_checkpoints_the_bare_model_and_resumes(corpus, tmp_path):
+    """--compile (the eager backend here: dynamo without code generation, for speed) trains as without it, saves
+    the bare model's names (no ``_orig_mod.``) and resumes exactly; a bad backend is a one-line error."""
+    kw = dict(max_steps=3, eval_every=3)
+    full = train(cfg(corpus, tmp_path / "plain", **kw), log=lambda m: None)
+    train(cfg(corpus, tmp_path / "part", stop_at=2, compile="eager", **kw), log=lambda m: None)
+    assert not any("_orig_mod" in k for k in weights(tmp_path / "part"))
+    resumed = train(cfg(corpus, tmp_path / "part", compile="eager", **kw), resume="auto", log=lambda m: None)
+    assert abs(resumed["val_loss"] - full["val_loss"]) < 1e-6
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "part")
+    assert a.keys() == b.keys() and all(rel_err(b[k], a[k]) < 1e-5 for k in a)
+    with pytest.raises(UserError, match="not a torch.compile backend"):
+        train(cfg(corpus, tmp_path / "bad", compile="nonsense", **kw), log=lambda m: None)

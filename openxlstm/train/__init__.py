@@ -1,9 +1,12 @@
-"""Training: the loop, LR schedule, checkpoints, DDP set-up and run logs."""
+"""Training: the engine every run uses, the ``openxlstm train`` run, LR schedule, checkpoints, DDP / FSDP
+set-up and run logs."""
 
 from .checkpoint import load_model, resolve_checkpoint, save_checkpoint
-from .loop import TrainConfig, Trainer, evaluate_loss, train
+from .engine import Engine, EngineConfig, EvalResult, FitResult, evaluate_model
+from .loop import TrainConfig, Trainer, bits_per_byte, lm_batches, train
 from .metrics import plot_losses
 from .schedule import CosineSchedule
 
-__all__ = ["TrainConfig", "Trainer", "train", "evaluate_loss", "save_checkpoint", "load_model",
-           "resolve_checkpoint", "plot_losses", "CosineSchedule"]
+__all__ = ["Engine", "EngineConfig", "EvalResult", "FitResult", "evaluate_model", "TrainConfig", "Trainer", "train",
+           "lm_batches", "bits_per_byte", "save_checkpoint", "load_model", "resolve_checkpoint", "plot_losses",
+           "CosineSchedule"]

@@ -1,10 +1,13 @@
-"""Checkpoints: a directory per step with safetensors weights, a config JSON and the trainer state.
+"""Checkpoints: a directory per step with the weights, a config JSON and the trainer state.
 
-    RUN/latest                 text file naming the newest complete checkpoint directory
-    RUN/ckpt-000500/model.safetensors
-    RUN/ckpt-000500/config.json    {"arch", "model": {...}, "tokenizer": {...}, "step", "train": {...}}
-    RUN/ckpt-000500/tokenizer.json (HF tokenizers only)
-    RUN/ckpt-000500/trainer.pt     optimizer, schedule, RNG states, data position (the step)
+    RUN/latest                      text file naming the newest complete checkpoint directory
+    RUN/ckpt-000500/config.json     {"arch", "model": {...}, "tokenizer": {...}, "step", "train": {...}, "weights"}
+    RUN/ckpt-000500/model.safetensors  one process or DDP: the whole model ("weights": "safetensors")
+    RUN/ckpt-000500/dcp/            FSDP: model and optimizer state, each process writing its own shards with
+                                    torch.distributed.checkpoint ("weights": "dcp"); loads on any number of
+                                    processes, sharded or not
+    RUN/ckpt-000500/tokenizer.json  (HF tokenizers only)
+    RUN/ckpt-000500/trainer.pt      schedule, RNG states, step, tokens seen; the optimizer too unless in dcp/
 
 Writes are atomic: a checkpoint is written into a temporary directory that is renamed into place, then the
 ``latest`` pointer is replaced with ``os.replace``; a crash at any moment leaves the previous ``latest``
@@ -16,10 +19,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
@@ -30,6 +36,8 @@ from ..models import arch_of, build_model
 
 FORMAT = "openxlstm-checkpoint"
 LATEST = "latest"
+WEIGHTS_FILE = "model.safetensors"
+DCP_DIR = "dcp"
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -38,25 +46,34 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir, step: int, model: torch.nn.Module, tokenizer=None, train_config: Optional[dict] = None,
-                    trainer_state: Optional[dict] = None, extra: Optional[dict] = None, keep: int = 2) -> Path:
-    """Write RUN/ckpt-{step} atomically and point RUN/latest at it; keep the newest ``keep`` checkpoints.
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:06d}"
 
-    model: the bare model (not DDP- or compile-wrapped). trainer_state: anything torch.save can store
-    (optimizer state, schedule, RNG states). Returns the checkpoint directory.
-    """
+
+def begin_checkpoint(run_dir, step: int, create: bool = True) -> Path:
+    """The temporary directory that checkpoint ``step`` is written into (emptied and created with ``create``;
+    every process of a sharded save gets the same path)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    name = f"ckpt-{step:06d}"
+    tmp = run_dir / f".{checkpoint_name(step)}.tmp"
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    return tmp
+
+
+def finish_checkpoint(run_dir, step: int, tmp: Path, model: torch.nn.Module, tokenizer=None,
+                      train_config: Optional[dict] = None, trainer_state: Optional[dict] = None,
+                      extra: Optional[dict] = None, keep: int = 2, weights: str = "safetensors") -> Path:
+    """Add the config, tokenizer and trainer state to ``tmp`` (whose weights are written), rename it into
+    place, point RUN/latest at it and keep the newest ``keep`` checkpoints. Returns the checkpoint directory."""
+    run_dir = Path(run_dir)
+    name = checkpoint_name(step)
     final = run_dir / name
-    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    st_save_model(model, str(tmp / "model.safetensors"))
     meta = {"format": FORMAT, "arch": arch_of(model), "model": model.config.to_dict(),
             "tokenizer": None if tokenizer is None else tokenizer.spec(), "step": step,
-            "train": train_config or {}, **(extra or {})}
+            "train": train_config or {}, "weights": weights, **(extra or {})}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(tmp)
@@ -70,6 +87,19 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, tokenizer=None, 
     for p in old[:max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def save_checkpoint(run_dir, step: int, model: torch.nn.Module, tokenizer=None, train_config: Optional[dict] = None,
+                    trainer_state: Optional[dict] = None, extra: Optional[dict] = None, keep: int = 2) -> Path:
+    """Write RUN/ckpt-{step} atomically with the whole model in safetensors and point RUN/latest at it; keep
+    the newest ``keep`` checkpoints.
+
+    model: the bare model (not DDP- or compile-wrapped). trainer_state: anything torch.save can store
+    (optimizer state, schedule, RNG states). Returns the checkpoint directory.
+    """
+    tmp = begin_checkpoint(run_dir, step)
+    st_save_model(model, str(tmp / WEIGHTS_FILE))
+    return finish_checkpoint(run_dir, step, tmp, model, tokenizer, train_config, trainer_state, extra, keep)
 
 
 def resolve_checkpoint(path) -> Path:
@@ -97,22 +127,37 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
-def load_model(path, device="cpu"):
-    """(model in eval mode, tokenizer or None, meta dict) from a checkpoint or run directory."""
-    ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
-    model = build_model(meta["arch"], meta["model"])
-    weights = ckpt / "model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"checkpoint {str(ckpt)!r} is corrupt: model.safetensors is missing")
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Fill a bare model (one process, not sharded) with a checkpoint's weights, whichever way they were saved."""
+    weights = ckpt / WEIGHTS_FILE
+    sharded = ckpt / DCP_DIR
+    if not weights.is_file() and not sharded.is_dir():
+        raise UserError(f"checkpoint {str(ckpt)!r} is corrupt: {WEIGHTS_FILE} is missing")
     try:
-        missing, unexpected = st_load_model(model, str(weights), strict=False)
-    except (SafetensorError, RuntimeError, OSError, ValueError) as e:
+        if weights.is_file():
+            missing, unexpected = st_load_model(model, str(weights), strict=False)
+        else:
+            state = {"model": model.state_dict()}
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(state, checkpoint_id=str(sharded), no_dist=True)
+            missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    except (SafetensorError, CheckpointException, RuntimeError, OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {str(ckpt)!r} is corrupt: cannot load model.safetensors ({first})") from None
+        what = WEIGHTS_FILE if weights.is_file() else f"{DCP_DIR}/"
+        raise UserError(f"checkpoint {str(ckpt)!r} is corrupt: cannot load {what} ({first})") from None
     if missing or unexpected:
         raise UserError(f"checkpoint {str(ckpt)!r} does not match its config: missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]}")
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode, tokenizer or None, meta dict) from a checkpoint or run directory (safetensors or
+    sharded weights alike)."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    model = build_model(meta["arch"], meta["model"])
+    load_weights(model, ckpt)
     tokenizer = load_tokenizer(meta.get("tokenizer"), ckpt)
     meta["path"] = str(ckpt)
     return model.to(device).eval(), tokenizer, meta
@@ -128,4 +173,5 @@ def load_trainer_state(ckpt: Path) -> dict:
         raise UserError(f"checkpoint {str(ckpt)!r} is corrupt: cannot read trainer.pt ({type(e).__name__})") from None
 
 
-__all__ = ["save_checkpoint", "resolve_checkpoint", "read_meta", "load_model", "load_trainer_state"]
+__all__ = ["save_checkpoint", "begin_checkpoint", "finish_checkpoint", "resolve_checkpoint", "read_meta", "load_weights",
+           "load_model", "load_trainer_state", "WEIGHTS_FILE", "DCP_DIR"]

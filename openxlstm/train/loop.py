@@ -1,6 +1,9 @@
-"""One training loop for every architecture: AdamW with weight-decay groups, warm-up + cosine schedule,
-gradient clipping and accumulation, bf16 autocast on GPU, optional torch.compile, DDP under torchrun,
-periodic validation, metrics CSV + plot, atomic checkpoints and exact resume.
+"""``openxlstm train``: a language model on a token stream, through the training engine (``engine.py``).
+
+A TrainConfig names the data, the model and the budget; ``Trainer`` loads the data, builds the model of
+``--arch`` / ``--config`` / ``--preset`` and hands it to an ``Engine`` (which owns the optimizer, schedule,
+compile, checkpointing of activations, DDP / FSDP and checkpoints), then runs the engine's loop with
+periodic validation, a metrics CSV, a loss plot and samples at the end.
 
 The batch of step t depends only on (seed, t) and every process takes its slice of the global batch, so
 a resumed run, and a run on W processes, follow the same trajectory as one uninterrupted process.
@@ -10,23 +13,24 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
+import numpy as np
 import torch
 
+from ..baselines import sized_lstm_config, sized_transformer_config
 from ..config import preset as xlstm_preset
 from ..config import xLSTMConfig
 from ..data import BatchSampler, eval_windows, load_data
 from ..data.tokenizer import HFTokenizer
 from ..errors import UserError
+from ..generation import generate
 from ..models import ARCHS, build_model, config_from_dict
-from .checkpoint import load_model, load_trainer_state, read_meta, resolve_checkpoint, save_checkpoint
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from .checkpoint import read_meta, resolve_checkpoint
+from .distributed import DistInfo, barrier, init_distributed, launched_by_torchrun, shutdown
+from .engine import Engine, EngineConfig
 from .metrics import MetricsLog, plot_losses
 from .schedule import CosineSchedule
 
@@ -62,7 +66,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, float32 elsewhere), "float32", "bfloat16"
-    compile: bool = False
+    compile: Union[bool, str] = False  # torch.compile: True / "inductor" or another backend name
+    activation_checkpointing: bool = False  # recompute each block in backward (less memory, ~1 more forward)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over torchrun's processes (FSDP2)
     eval_every: int = 200
     eval_tokens: int = 65536
     log_every: int = 10
@@ -76,11 +82,18 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(weight_decay=self.weight_decay, betas=(0.9, self.beta2), grad_clip=self.grad_clip,
+                            grad_accum=self.grad_accum, device=self.device, dtype=self.dtype, compile=self.compile,
+                            activation_checkpointing=self.activation_checkpointing, fsdp=self.fsdp)
+
+    def schedule(self) -> CosineSchedule:
+        return CosineSchedule(self.lr, self.min_lr if self.min_lr is not None else self.lr / 10, self.warmup,
+                              self.max_steps)
+
 
 def default_model_config(arch: str, vocab_size: int, seq_len: int, size: Optional[int] = None) -> dict:
     """The default model of each architecture; the baselines are sized to the default xLSTM's parameters."""
-    from ..baselines import sized_lstm_config, sized_transformer_config
-
     xl = xLSTMConfig(vocab_size=vocab_size, embedding_dim=128, num_blocks=4, slstm_at=[1], mlstm_num_heads=4,
                      slstm_num_heads=4, context_length=seq_len)
     if arch == "xlstm":
@@ -114,48 +127,16 @@ def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> dict:
     return config_from_dict(cfg.arch, model).to_dict()
 
 
-def resolve_device(device: str, dist_info: DistInfo) -> torch.device:
-    if device == "auto":
-        device = f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and dist_info.enabled:
-        device = f"cuda:{dist_info.local_rank}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a valid device (cpu, cuda, cuda:N, auto)") from None
-
-
-def autocast_context(dtype: str, device: torch.device):
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "float32":
-        return nullcontext()
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise UserError(f"--dtype {dtype!r}: choose auto, float32 or bfloat16")
-
-
-@torch.no_grad()
-def evaluate_loss(model, tokens, seq_len: int, max_tokens: int, batch_size: int, device, autocast=None,
-                  dist_info: DistInfo = DistInfo()) -> tuple[float, int]:
-    """(mean next-token loss in nats, number of target tokens) over non-overlapping windows of ``tokens``,
-    sharded over processes."""
+def lm_batches(tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int,
+               dist_info: DistInfo = DistInfo()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's share of the evaluation windows of ``tokens`` (non-overlapping, at most ``max_tokens``
+    targets, spread evenly), as (input_ids, labels) batches, each (b, S): labels are the next tokens."""
     starts = eval_windows(len(tokens), seq_len, max_tokens)[dist_info.rank::dist_info.world_size]
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
+    batches = []
     for i in range(0, len(starts), batch_size):
         w = torch.stack([torch.from_numpy(tokens[s:s + seq_len + 1].astype("int64")) for s in starts[i:i + batch_size]])
-        w = w.to(device)  # (b, S + 1)
-        with autocast or nullcontext():
-            out = model(w[:, :-1], labels=w[:, 1:])
-        total += float(out.loss) * w[:, 1:].numel()
-        count += w[:, 1:].numel()
-    model.train(was_training)
-    total, count = all_reduce_sum([total, float(count)], device)
-    return total / max(count, 1.0), int(count)
+        batches.append((w[:, :-1], w[:, 1:]))  # w: (b, S + 1)
+    return batches
 
 
 def bits_per_byte(loss: float, bytes_per_token: Optional[float]) -> Optional[float]:
@@ -163,58 +144,41 @@ def bits_per_byte(loss: float, bytes_per_token: Optional[float]) -> Optional[flo
 
 
 class Trainer:
-    """Set up from a TrainConfig (fresh, or resumed from a checkpoint) and run with ``fit()``."""
+    """``openxlstm train``: data, model and engine from a TrainConfig (fresh, or resumed from a checkpoint);
+    run with ``fit()``."""
 
     def __init__(self, cfg: TrainConfig, resume: Optional[str] = None, log=None):
+        if cfg.fsdp and not launched_by_torchrun():
+            raise UserError("--fsdp shards the model over the processes that torchrun starts: run "
+                            "torchrun --nproc_per_node=N -m openxlstm train --fsdp ... (without torchrun, "
+                            "leave out --fsdp)")
         self.dist = init_distributed("cuda" if cfg.device.startswith("cuda") or
-                                     (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+                                     (cfg.device == "auto" and torch.cuda.is_available()) else "cpu", always=cfg.fsdp)
         self.log = log if log is not None else (lambda msg: print(msg, flush=True))
         if not self.dist.is_main:
             self.log = lambda msg: None
-        self.device = resolve_device(cfg.device, self.dist)
         self.out = Path(cfg.out)
-        ckpt, trainer_state = None, None
-        if resume is not None:
-            ckpt = resolve_checkpoint(self.out if resume == "auto" else resume)
-            trainer_state = load_trainer_state(ckpt)
         self.cfg = cfg
-        self.autocast = autocast_context(cfg.dtype, self.device)
+        ckpt = resolve_checkpoint(self.out if resume == "auto" else resume) if resume is not None else None
+        meta = read_meta(ckpt) if ckpt is not None else None
         torch.manual_seed(cfg.seed)
 
         tokenizer_spec = cfg.tokenizer
-        if ckpt is not None:
-            spec = read_meta(ckpt).get("tokenizer")
-            if spec is not None and spec.get("type") == "hf":
-                tokenizer_spec = str(ckpt / HFTokenizer.FILE)
+        if meta is not None and (meta.get("tokenizer") or {}).get("type") == "hf":
+            tokenizer_spec = str(ckpt / HFTokenizer.FILE)
         self.data = self._load_data(tokenizer_spec)
         self.log(f"data: {self.data.description}")
 
-        if ckpt is not None:
-            model, _, meta = load_model(ckpt, device=self.device)
+        if meta is not None:
             if meta["arch"] != cfg.arch:
                 raise UserError(f"the checkpoint holds a {meta['arch']} model, but --arch is {cfg.arch}")
             self.model_config = meta["model"]
-            model.train()
         else:
             self.model_config = resolve_model_config(cfg, self.data.vocab_size)
-            model = build_model(cfg.arch, self.model_config).to(self.device)
+        model = build_model(cfg.arch, self.model_config)
         if model.config.vocab_size != self.data.vocab_size:
             raise UserError(f"the model's vocabulary ({model.config.vocab_size}) does not match the data's "
                             f"tokenizer ({self.data.vocab_size})")
-        self.model = model
-        self.step = 0
-        self.optimizer = torch.optim.AdamW(model.optim_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
-                                           eps=1e-8)
-        self.schedule = CosineSchedule(cfg.lr, cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10,
-                                       cfg.warmup, cfg.max_steps)
-        if trainer_state is not None:
-            self.optimizer.load_state_dict(trainer_state["optimizer"])
-            self.step = int(trainer_state["step"])
-            torch.set_rng_state(trainer_state["rng"]["torch"])
-            if torch.cuda.is_available() and trainer_state["rng"].get("cuda"):
-                torch.cuda.set_rng_state_all(trainer_state["rng"]["cuda"])
-            self.log(f"resumed from {ckpt} at step {self.step}")
-
         per_rank = cfg.batch_size // self.dist.world_size if cfg.batch_size % self.dist.world_size == 0 else 0
         if per_rank == 0 or per_rank % cfg.grad_accum:
             raise UserError(f"--batch-size {cfg.batch_size} must be divisible by processes x accumulation steps "
@@ -226,16 +190,20 @@ class Trainer:
             raise UserError(f"sequence length {cfg.seq_len} is larger than the validation split "
                             f"({len(self.data.val):,} tokens); use a smaller --seq-len or more data")
 
-        self.forward_model = torch.compile(model) if cfg.compile else model
-        self.train_model = self.forward_model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DDP(self.forward_model, device_ids=ids)
+        self.engine = Engine(model, cfg.schedule(), cfg.engine_config(), self.dist)
+        self.model = model  # the bare model (sharded in place under FSDP)
+        self.device = self.engine.device
+        if ckpt is not None:
+            self.engine.resume(ckpt)
+            self.engine.tokens = self.engine.tokens or self.engine.step * cfg.batch_size * cfg.seq_len
+            self.log(f"resumed from {ckpt} at step {self.engine.step}")
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.metrics = MetricsLog(self.out, resume_step=self.step if ckpt is not None else None)
+            self.metrics = MetricsLog(self.out, resume_step=self.engine.step if ckpt is not None else None)
+
+    @property
+    def step(self) -> int:
+        return self.engine.step
 
     def _load_data(self, tokenizer_spec):
         cfg = self.cfg
@@ -254,124 +222,71 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> tuple[float, Optional[float]]:
-        loss, _ = evaluate_loss(self.forward_model, self.data.val, self.cfg.seq_len, self.cfg.eval_tokens,
-                                max(16, self.micro_batch), self.device, self.autocast, self.dist)
+        """(validation loss, bits per byte or None) on ``eval_tokens`` held-out tokens."""
+        batches = lm_batches(self.data.val, self.cfg.seq_len, self.cfg.eval_tokens, max(16, self.micro_batch),
+                             self.dist)
+        loss = self.engine.evaluate(batches).loss
         return loss, bits_per_byte(loss, self.data.bytes_per_token)
 
-    def save(self) -> Optional[Path]:
-        if not self.dist.is_main:
-            return None
-        state = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(), "step": self.step,
-                 "rng": {"torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-        return save_checkpoint(self.out, self.step, self.model, self.data.tokenizer, asdict(self.cfg), state,
-                               extra={"bytes_per_token": self.data.bytes_per_token})
+    def _validation_row(self) -> dict:
+        loss, bpb = self.validate()
+        return {"val_loss": round(loss, 5), "val_bpb": "" if bpb is None else round(bpb, 5)}
 
-    def train_step(self) -> float:
-        """One optimizer step over the global batch; returns this step's mean training loss (all processes)."""
-        cfg = self.cfg
-        self.schedule.apply(self.optimizer, self.step)
-        x, y = self.sampler.batch(self.data.train, self.step)  # (per_rank, S) each
-        total = 0.0
-        for a in range(cfg.grad_accum):
-            xs = x[a * self.micro_batch:(a + 1) * self.micro_batch].to(self.device)
-            ys = y[a * self.micro_batch:(a + 1) * self.micro_batch].to(self.device)
-            sync = a == cfg.grad_accum - 1 or not self.dist.enabled
-            with (nullcontext() if sync else self.train_model.no_sync()), self.autocast:
-                loss = self.train_model(xs, labels=ys).loss  # fused head + loss: no (b*S, V) float32 logits
-            (loss / cfg.grad_accum).backward()
-            total += float(loss.detach()) / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return all_reduce_sum([total], self.device)[0] / self.dist.world_size
+    def save(self) -> Optional[Path]:
+        return self.engine.save(self.out, self.data.tokenizer, asdict(self.cfg),
+                                extra={"bytes_per_token": self.data.bytes_per_token})
 
     def fit(self) -> dict:
         """Train to ``max_steps`` (or ``stop_at`` / ``max_time``), validating, logging and checkpointing."""
         cfg = self.cfg
         last_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at is not None else cfg.max_steps
-        tokens_per_step = cfg.batch_size * cfg.seq_len
-        self.log(f"model: {cfg.arch}, {self.model.num_params():,} parameters; {last_step - self.step} steps of "
-                 f"{cfg.batch_size} x {cfg.seq_len} tokens on {self.device} x {self.dist.world_size}")
-        bar = None
-        if self.dist.is_main and cfg.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=last_step, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
-        start, window, window_t0, window_steps = time.time(), 0.0, time.time(), 0
-        val_loss, val_bpb, stopped_early = None, None, False
+        params = self.model.num_params()  # a sharded parameter counts its whole size
+        self.log(f"model: {cfg.arch}, {params:,} parameters; {last_step - self.step} steps of {cfg.batch_size} x "
+                 f"{cfg.seq_len} tokens on {self.device} x {self.dist.world_size}"
+                 + (" (FSDP)" if cfg.fsdp else " (DDP)" if self.dist.enabled else ""))
         try:
-            while self.step < last_step:
-                loss = self.train_step()
-                window += loss
-                window_steps += 1
-                if not math.isfinite(loss):
-                    raise UserError(f"the training loss is {loss} at step {self.step}: lower --lr or check the data")
-                now = time.time()
-                tok_s = window_steps * tokens_per_step / max(now - window_t0, 1e-9)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                row = {}
-                if self.step % cfg.log_every == 0 or self.step == last_step:
-                    row.update(train_loss=round(window / window_steps, 5), tokens_per_s=round(tok_s, 1))
-                    window, window_t0, window_steps = 0.0, now, 0
-                timed_out = cfg.max_time is not None and now - start > cfg.max_time * 60
-                if self.step % cfg.eval_every == 0 or self.step == last_step or timed_out:
-                    val_loss, val_bpb = self.validate()
-                    row.update(val_loss=round(val_loss, 5), val_bpb="" if val_bpb is None else round(val_bpb, 5))
-                    if bar is not None:
-                        bar.write(f"step {self.step}: val loss {val_loss:.4f}"
-                                  + ("" if val_bpb is None else f", {val_bpb:.4f} bits/byte"))
-                if row and self.dist.is_main:
-                    self.metrics.log(step=self.step, tokens=self.step * tokens_per_step,
-                                     elapsed_s=round(now - start, 2), lr=self.schedule.lr_at(self.step - 1), **row)
-                if self.step % cfg.save_every == 0 or self.step == last_step or timed_out:
-                    self.save()
-                if timed_out:
-                    stopped_early = True
-                    self.log(f"time limit of {cfg.max_time} min reached at step {self.step}")
-                    break
+            run = self.engine.fit(lambda step: self.sampler.batch(self.data.train, step), last_step,
+                                  max_seconds=None if cfg.max_time is None else cfg.max_time * 60,
+                                  log_every=cfg.log_every, eval_every=cfg.eval_every, evaluate=self._validation_row,
+                                  save_every=cfg.save_every, save=self.save,
+                                  metrics=self.metrics if self.dist.is_main else None, log=self.log,
+                                  progress=cfg.progress)
         except KeyboardInterrupt:
-            self.save()
-            barrier()
             self.log(f"\ninterrupted at step {self.step}; checkpoint saved in {self.out} (continue with --resume)")
             raise
-        finally:
-            if bar is not None:
-                bar.close()
-        elapsed = time.time() - start
         barrier()
-        result = {"arch": cfg.arch, "params": self.model.num_params(), "steps": self.step,
-                  "tokens": self.step * tokens_per_step, "time_s": round(elapsed, 1),
-                  "val_loss": val_loss, "val_bpb": val_bpb, "stopped_early": stopped_early,
+        last = run.eval or {}
+        val_bpb = last.get("val_bpb")
+        result = {"arch": cfg.arch, "params": params, "steps": self.step, "tokens": self.engine.tokens,
+                  "time_s": round(run.seconds, 1), "val_loss": last.get("val_loss"),
+                  "val_bpb": val_bpb if val_bpb != "" else None, "stopped_early": run.stopped_early,
                   "checkpoint": str(self.out)}
         if self.dist.is_main:
             self.metrics.close()
             png = plot_losses({cfg.arch: self.out / "metrics.csv"}, self.out / "loss.png",
-                              title=f"{cfg.arch}, {self.model.num_params() / 1e6:.2f}M parameters")
+                              title=f"{cfg.arch}, {params / 1e6:.2f}M parameters")
             result["plot"] = None if png is None else str(png)
             (self.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
 
     def samples(self, count: int, max_new_tokens: int) -> list[tuple[str, str]]:
-        """(prompt, continuation) pairs from the trained model (empty without a tokenizer)."""
-        from ..generation import generate
-
-        if self.data.tokenizer is None or count <= 0 or not self.dist.is_main:
+        """(prompt, continuation) pairs from the trained model (empty without a tokenizer); every process
+        calls it (under FSDP the model is gathered first)."""
+        if self.data.tokenizer is None or count <= 0:
+            return []
+        model = self.engine.unsharded_model()
+        if model is None:
             return []
         prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(count)]
-        texts = generate(self.model, prompts, self.data.tokenizer, max_new_tokens=max_new_tokens, temperature=0.8,
+        texts = generate(model, prompts, self.data.tokenizer, max_new_tokens=max_new_tokens, temperature=0.8,
                          top_k=50, seed=self.cfg.seed)
         return list(zip(prompts, texts))
 
 
 def train(cfg: TrainConfig, resume: Optional[str] = None, log=None) -> dict:
     """Run a whole training (see TrainConfig); returns the summary dict (also written to OUT/summary.json)."""
-    trainer = Trainer(cfg, resume=resume, log=log)
     try:
+        trainer = Trainer(cfg, resume=resume, log=log)
         result = trainer.fit()
         result["samples"] = trainer.samples(cfg.samples, cfg.sample_tokens)
     finally:
@@ -379,5 +294,5 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, log=None) -> dict:
     return result
 
 
-__all__ = ["TrainConfig", "Trainer", "train", "evaluate_loss", "bits_per_byte", "default_model_config",
+__all__ = ["TrainConfig", "Trainer", "train", "lm_batches", "bits_per_byte", "default_model_config",
            "resolve_model_config"]
