@@ -7,7 +7,11 @@ import torch
 
 from openxlstm.experiments import IGNORE, TASKS, MQARTask, build_model, get_task
 from openxlstm.experiments.ablation import ablation_table, run_ablation
-from openxlstm.experiments.cli import main as cli_main
+from openxlstm.cli import main as openxlstm_main
+
+
+def cli_main(args):
+    return openxlstm_main(["experiment", *args])
 from openxlstm.experiments.formal import CYCLE, MOD, OPS
 from openxlstm.experiments.runner import grid_specs, read_results, run_grid, write_report
 
@@ -290,3 +294,45 @@ def test_old_results_folder_is_upgraded_and_resumed(tmp_path):
         f.write("task,model,mystery\nparity,lstm,1\n")
     with pytest.raises(ValueError, match="mystery"):
         run_grid(spec, tmp_path, log=lambda _: None)
+
+
+def test_cell_loss_is_the_models_over_the_task_classes():
+    """A cell's head is cut to the task's classes: the model's own loss (labels, IGNORE where unscored) is the
+    cross-entropy over the first C logits of the full-vocabulary model, as the runner computed it before."""
+    import torch.nn.functional as F
+
+    from openxlstm.experiments.runner import classifier_head
+
+    task = get_task("cycle_nav")  # vocabulary 5 + 2, 5 classes
+    tokens, targets = task.sample(4, 9, torch.Generator().manual_seed(0), prefix_labels=True)
+    for name in ("xlstm[1:1]", "lstm", "transformer", "reslstm"):
+        torch.manual_seed(0)
+        model = build_model(name, task.vocab_size, width=16, num_blocks=2)
+        with torch.no_grad():
+            logits = model(tokens)[..., : task.num_classes]  # (B, S, C)
+            mask = targets != IGNORE
+            expected = F.cross_entropy(logits[mask], targets[mask])
+            out = classifier_head(model, task.num_classes)(tokens, labels=targets, return_logits=True)
+        assert out.logits.shape[-1] == task.num_classes and torch.allclose(out.logits, logits, atol=1e-6)
+        assert abs(float(out.loss) - float(expected)) < 1e-6, name
+
+
+def test_run_options_reach_the_cells(tmp_path, monkeypatch, capsys):
+    """--activation-checkpointing and --compile reach the cells and the ablation rungs and change no result."""
+    from openxlstm.experiments.runner import CellSpec, RunOptions, run_cell
+
+    for model, options in (("xlstm[1:1]", RunOptions(activation_checkpointing=True)), ("lstm", RunOptions(compile="eager"))):
+        spec = CellSpec(task="parity", model=model, **{**TINY, "steps": 2})
+        plain, other = run_cell(spec, log=lambda _: None), run_cell(spec, log=lambda _: None, options=options)
+        assert abs(other["final_loss"] - plain["final_loss"]) < 1e-4 and other["accuracy"] == plain["accuracy"]
+    rows = run_ablation(["reslstm"], tmp_path, log=lambda _: None, options=RunOptions(activation_checkpointing=True),
+                        width=16, num_blocks=2, seq_len=16, batch_size=2, steps=2, eval_tokens=64, max_bytes=200_000)
+    assert rows[0]["val_bpb"] > 0
+    grid = ["grid", "--tasks", "parity", "--models", "lstm", "--width", "8", "--steps", "1", "--out", str(tmp_path / "g")]
+    assert cli_main(grid + ["--device", "cuda:7" if not torch.cuda.is_available() else "nonsense"]) == 2
+    assert cli_main(grid + ["--compile", "nonsense"]) == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli_main(grid) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert "one process" in err[-1] and "backend" in err[1]

@@ -1,7 +1,7 @@
-"""``python -m openxlstm.experiments grid|ablation|report ...``."""
+"""``python -m openxlstm.experiments grid|ablation|report ...``: the same as ``openxlstm experiment ...``."""
 
 import sys
 
-from .cli import main
+from ..cli import main
 
-sys.exit(main())
+sys.exit(main(["experiment", *sys.argv[1:]]))

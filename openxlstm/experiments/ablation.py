@@ -8,11 +8,14 @@ context and learning rate):
   4. "xlstm[7:1]"  + matrix memory: mLSTM blocks with one sLSTM block in eight (needs num_blocks >= 8 to
                    be a true 7:1; fewer blocks still place one sLSTM block)
 Data: the training issue's default corpus (pydoc topics + stdlib sources), byte-level, its train/val split.
-Each rung is one row of ``ablation.csv`` (resumable like the grids: finished rungs are skipped).
+Each rung is one row of ``ablation.csv`` (resumable like the grids: finished rungs are skipped). Rungs train
+through the training engine (``openxlstm/train/engine.py``): AdamW (0.9, 0.95), 5% warm-up then cosine to
+10% of the lr, clipping 1.0, the model's own loss ``model(x, labels=y).loss``.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -21,10 +24,12 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..data import ByteTokenizer, default_corpus, split_documents
+from ..train.engine import Engine
+from ..train.schedule import CosineSchedule
 from .models import build_model, canonical_name
-from .runner import read_results
+from .runner import RunOptions, read_results
 
 LADDER = ("lstm", "reslstm", "xlstm[0:1]", "xlstm[7:1]")
 LADDER_LABELS = {
@@ -58,63 +63,52 @@ CSV_FIELDS = SPEC_FIELDS + ["params", "tokens_seen", "steps_done", "train_loss",
 
 def load_bytes(max_bytes: int = 8_000_000) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) byte arrays of the default corpus, with the training issue's document split (5% val)."""
-    from ..data import ByteTokenizer, default_corpus, split_documents
-
     train_text, val_text = split_documents(default_corpus(max_bytes), 0.05)
     tok = ByteTokenizer()
     return np.asarray(tok.encode(train_text)), np.asarray(tok.encode(val_text))
 
 
-@torch.inference_mode()
-def val_bits_per_byte(model, val: np.ndarray, seq_len: int, max_tokens: int, batch_size: int = 16) -> float:
-    """Mean next-byte cross-entropy in bits over non-overlapping windows of ``seq_len`` covering at most
-    ``max_tokens`` targets, evenly spread over the validation bytes."""
-    model.eval()
+def val_batches(val: np.ndarray, seq_len: int, max_tokens: int, batch_size: int = 16) -> list[tuple]:
+    """(input_ids, labels) batches of non-overlapping windows of ``seq_len`` covering at most ``max_tokens``
+    targets, evenly spread over the validation bytes."""
     available = (len(val) - 1) // seq_len
     count = max(1, min(available, max_tokens // seq_len))
     starts = np.unique(np.linspace(0, available - 1, count).round().astype(np.int64)) * seq_len
-    total, n = 0.0, 0
+    batches = []
     for j in range(0, len(starts), batch_size):
         w = torch.from_numpy(np.stack([val[s : s + seq_len + 1].astype(np.int64) for s in starts[j : j + batch_size]]))
-        logits = model(w[:, :-1]).float()  # (B, S, 256)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum").item()
-        n += w[:, 1:].numel()
-    model.train()
-    return total / n / math.log(2)
+        batches.append((w[:, :-1], w[:, 1:]))  # w: (B, S + 1)
+    return batches
 
 
 def run_rung(spec: AblationSpec, train: np.ndarray, val: np.ndarray, max_seconds: Optional[float] = None,
-             log: Callable[[str], None] = print, log_every: int = 50) -> dict:
+             log: Callable[[str], None] = print, log_every: int = 50, options: RunOptions = RunOptions()) -> dict:
     """Train one rung from scratch on random windows of ``train``; returns its CSV row."""
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, 256, spec.width, spec.num_blocks, context_length=spec.seq_len)
-    opt = torch.optim.AdamW(model.optim_groups(spec.weight_decay), lr=spec.lr, betas=(0.9, 0.95))
-    warmup = max(1, spec.steps // 20)
+    schedule = CosineSchedule(lr=spec.lr, min_lr=0.1 * spec.lr, warmup_steps=max(1, spec.steps // 20),
+                              max_steps=spec.steps)
+    engine = Engine(model, schedule, options.engine_config(weight_decay=spec.weight_decay, betas=(0.9, 0.95),
+                                                           grad_clip=1.0))
     rng = np.random.default_rng(spec.seed)
-    start, ema, step = time.time(), None, 0
-    for step in range(1, spec.steps + 1):
-        progress = max(0.0, (step - 1 - warmup) / max(1, spec.steps - warmup))
-        lr = spec.lr * min(step / warmup, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        for group in opt.param_groups:
-            group["lr"] = lr
+
+    def batch(step: int):
         starts = rng.integers(0, len(train) - spec.seq_len - 1, size=spec.batch_size)
         w = torch.from_numpy(np.stack([train[s : s + spec.seq_len + 1].astype(np.int64) for s in starts]))  # (B, S+1)
-        logits = model(w[:, :-1]).float()  # (B, S, 256)
-        loss = F.cross_entropy(logits.reshape(-1, 256), w[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        elapsed = time.time() - start
-        if step % log_every == 0 or step == spec.steps:
-            log(f"    step {step}/{spec.steps}  loss {ema / math.log(2):.3f} bits/byte  {elapsed:.0f}s")
-        if max_seconds is not None and elapsed > max_seconds:
-            log(f"    time budget {max_seconds:.0f}s reached at step {step}")
-            break
-    bpb = val_bits_per_byte(model, val, spec.seq_len, spec.eval_tokens)
+        return w[:, :-1], w[:, 1:]
+
+    def validate() -> dict:
+        return {"val_bpb": engine.evaluate(val_batches(val, spec.seq_len, spec.eval_tokens)).loss / math.log(2)}
+
+    start = time.time()
+    run = engine.fit(batch, spec.steps, max_seconds=max_seconds, log_every=log_every, evaluate=validate,
+                     log=lambda msg: log(f"    {msg}"))
+    ema = None
+    for loss in run.losses:  # the reported training loss: an exponential moving average over the steps
+        ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+    bpb = run.eval["val_bpb"]
     row = asdict(spec)
-    row.update(params=model.num_params(), tokens_seen=step * spec.batch_size * spec.seq_len, steps_done=step,
+    row.update(params=model.num_params(), tokens_seen=run.step * spec.batch_size * spec.seq_len, steps_done=run.step,
                train_loss=round(ema / math.log(2), 4), val_bpb=round(bpb, 4), seconds=round(time.time() - start, 1),
                finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     log(f"    {spec.model}: validation {bpb:.4f} bits/byte ({model.num_params():,} parameters)")
@@ -134,10 +128,9 @@ def ablation_table(rows: list[dict]) -> str:
 
 
 def run_ablation(models: list[str], out_dir: Union[str, Path], max_seconds: Optional[float] = None,
-                 log: Callable[[str], None] = print, log_every: int = 50, **settings) -> list[dict]:
+                 log: Callable[[str], None] = print, log_every: int = 50, options: RunOptions = RunOptions(),
+                 **settings) -> list[dict]:
     """Run the rungs not yet in ``out_dir/ablation.csv``; writes ``ablation.md``. Returns the new rows."""
-    import csv
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "ablation.csv"
@@ -152,7 +145,7 @@ def run_ablation(models: list[str], out_dir: Union[str, Path], max_seconds: Opti
         log(f"default corpus: {len(train):,} train / {len(val):,} val bytes")
     for j, spec in enumerate(todo):
         log(f"[{j + 1}/{len(todo)}] {LADDER_LABELS.get(spec.model, spec.model)}: {spec.model}")
-        row = run_rung(spec, train, val, max_seconds=max_seconds, log=log, log_every=log_every)
+        row = run_rung(spec, train, val, max_seconds=max_seconds, log=log, log_every=log_every, options=options)
         new = not csv_path.exists() or csv_path.stat().st_size == 0
         with csv_path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
@@ -167,4 +160,4 @@ def run_ablation(models: list[str], out_dir: Union[str, Path], max_seconds: Opti
 
 
 __all__ = ["LADDER", "LADDER_LABELS", "AblationSpec", "run_rung", "run_ablation", "ablation_table",
-           "val_bits_per_byte", "load_bytes"]
+           "val_batches", "load_bytes"]

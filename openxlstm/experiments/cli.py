@@ -4,20 +4,24 @@
     openxlstm experiment ablation --steps 500 --out runs/ablation
     openxlstm experiment report --out runs/fl
 
-Also runnable without the main CLI as ``python -m openxlstm.experiments ...``.
+Also runnable as ``python -m openxlstm.experiments ...`` (``__main__.py`` hands it to the main CLI). Cells
+and rungs train through the training engine (``openxlstm/train/engine.py``), so ``--device``,
+``--compile`` and ``--activation-checkpointing`` work here as for ``openxlstm train``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 
 import torch
 
 from ..errors import UserError
+from ..train.engine import resolve_device, resolve_dtype
 from .ablation import LADDER, run_ablation
 from .models import PAPER_MODELS, canonical_name
-from .runner import ALL_TASKS, SCHEDULES, grid_specs, run_grid, write_report
+from .mqar import MQARTask
+from .runner import ALL_TASKS, SCHEDULES, RunOptions, grid_specs, run_grid, write_report
 
 
 def _list(text: str) -> list[str]:
@@ -32,6 +36,18 @@ def _ints(text: str) -> list[int]:
         return [int(t) for t in _list(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_run_options(p) -> None:
+    """How cells / rungs run (not part of a result's key in the CSV: keep one --out per device and dtype)."""
+    g = p.add_argument_group("hardware (the training engine's options)")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="autocast dtype (auto: bf16 on GPU, float32 on CPU)")
+    g.add_argument("--compile", nargs="?", const="inductor", default=False, metavar="BACKEND",
+                   help="torch.compile each model (BACKEND: inductor, the default, or e.g. aot_eager)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's forward during backward (less memory, same results)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -67,6 +83,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     g.add_argument("--log-every", type=int, default=100)
     g.add_argument("--out", required=True, help="output folder: results.csv (appended), results.md, heatmap.png")
+    _add_run_options(g)
 
     a = sub.add_parser("ablation", help="the LM ablation ladder at equal budgets, in validation bits per byte")
     a.add_argument("--models", type=_list, default=list(LADDER), help=f"rungs (default: {','.join(LADDER)})")
@@ -82,6 +99,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--threads", type=int, default=1)
     a.add_argument("--log-every", type=int, default=50)
     a.add_argument("--out", required=True, help="output folder: ablation.csv (appended), ablation.md")
+    _add_run_options(a)
 
     r = sub.add_parser("report", help="rewrite results.md and heatmap.png from a grid's results.csv")
     r.add_argument("--out", required=True, help="the grid's output folder")
@@ -101,13 +119,20 @@ def run(args) -> int:
     try:
         if args.experiment == "report":
             return 0 if write_report(args.out, aggregate=args.aggregate) is not None else 1
-        _check_positive(args, ["width", "num_blocks", "steps", "batch_size", "lr", "threads", "max_minutes"])
+        _check_positive(args, ["width", "num_blocks", "steps", "batch_size", "lr", "threads", "max_minutes",
+                               "log_every"])
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("experiments run in one process (cells one after another); use torchrun only with "
+                            "'openxlstm train'")
+        resolve_dtype(args.dtype, resolve_device(args.device))  # a bad --device is an error before any cell runs
+        options = RunOptions(device=args.device, dtype=args.dtype, compile=args.compile,
+                             activation_checkpointing=args.activation_checkpointing)
         torch.set_num_threads(args.threads)
         max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
         if args.experiment == "ablation":
             for m in args.models:
                 canonical_name(m)
-            run_ablation(args.models, args.out, max_seconds=max_seconds, log_every=args.log_every,
+            run_ablation(args.models, args.out, max_seconds=max_seconds, log_every=args.log_every, options=options,
                          width=args.width, num_blocks=args.num_blocks, seq_len=args.seq_len,
                          batch_size=args.batch_size, steps=args.steps, lr=args.lr, eval_tokens=args.eval_tokens,
                          seed=args.seed)
@@ -127,20 +152,11 @@ def run(args) -> int:
                            mqar_context=args.mqar_context, mqar_pairs=args.mqar_pairs, mqar_vocab=args.mqar_vocab)
         for spec in {(s.task, s.mqar_context, s.mqar_pairs, s.mqar_vocab) for s in specs}:
             if spec[0] == "mqar":
-                from .mqar import MQARTask
-
                 MQARTask(context=spec[1], num_pairs=spec[2], vocab_size=spec[3])
-        run_grid(specs, args.out, max_seconds=max_seconds, log_every=args.log_every)
+        run_grid(specs, args.out, max_seconds=max_seconds, log_every=args.log_every, options=options)
         return 0
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def main(argv=None) -> int:
-    """``python -m openxlstm.experiments ...``: the same as ``openxlstm experiment ...``."""
-    from ..cli import main as openxlstm_main
-
-    return openxlstm_main(["experiment"] + list(sys.argv[1:] if argv is None else argv))
-
-
-__all__ = ["add_parser", "run", "main"]
+__all__ = ["add_parser", "run"]

@@ -8,7 +8,8 @@ Names (case-insensitive):
                  "LSTM in the xLSTM block structure", i.e. the sLSTM block without exponential gating
   "transformer"  Llama-style Transformer (``num_blocks`` layers, heads of 16 units)
 
-All take ``forward(input_ids (B, S), state=None, return_state=False) -> logits (B, S, V)``.
+All take ``forward(input_ids (B, S), state=None, return_state=False, labels=None)`` -> logits (B, S, V), or
+with ``labels`` an ``LMOutput`` holding the loss; ``set_activation_checkpointing`` as the main models.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import nn
 from ..baselines import LSTMConfig, LSTMLM, TransformerConfig, TransformerLM
 from ..config import parse_ratio, slstm_positions, xLSTMConfig
 from ..layers import GatedFFN, LayerNorm
-from ..layers.common import small_init_, wang_init_
+from ..layers.common import run_block, small_init_, wang_init_
+from ..layers.head import lm_outputs
 from ..model import xLSTMLM
 
 PAPER_MODELS = ("xlstm[1:0]", "xlstm[0:1]", "xlstm[1:1]", "lstm", "transformer")
@@ -48,7 +50,13 @@ class ResidualLSTMLM(nn.Module):
         self.ffns = nn.ModuleList(GatedFFN(config) for _ in range(config.num_blocks))
         self.post_norm = LayerNorm(E, eps=config.norm_eps)
         self.lm_head = nn.Linear(E, config.vocab_size, bias=False)
+        self.activation_checkpointing = False
         self.reset_parameters()
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> "ResidualLSTMLM":
+        """Recompute each block's LSTM during backward instead of keeping its activations (as xLSTMLM)."""
+        self.activation_checkpointing = bool(enabled)
+        return self
 
     def reset_parameters(self):
         E, L = self.config.embedding_dim, self.config.num_blocks
@@ -65,19 +73,21 @@ class ResidualLSTMLM(nn.Module):
                             p[E : 2 * E].fill_(1.0)  # forget-gate bias 1 (gate order i, f, g, o)
             wang_init_(out.weight, E, L)
 
-    def forward(self, input_ids: torch.Tensor, state: Optional[tuple] = None, return_state: bool = False):
-        """input_ids: (B, S) -> logits (B, S, V), or (logits, state) with ``return_state=True``."""
+    def forward(self, input_ids: torch.Tensor, state: Optional[tuple] = None, return_state: bool = False,
+                labels: Optional[torch.Tensor] = None, return_logits: bool = False):
+        """input_ids: (B, S) -> logits (B, S, V), or (logits, state) with ``return_state=True``; with ``labels``
+        an ``LMOutput`` with the loss (as ``xLSTMLM.forward``)."""
         if input_ids.dim() != 2:
             raise ValueError(f"ResidualLSTMLM: input_ids must have shape (B, S), got {tuple(input_ids.shape)}")
         x = self.embedding(input_ids)  # (B, S, E)
         new_state = []
         for j in range(self.config.num_blocks):
-            y, hc = self.cells[j](self.norms[j](x), None if state is None else state[j])  # (B, S, E)
+            y, hc = run_block(self.cells[j], self.activation_checkpointing, self.norms[j](x),
+                              None if state is None else state[j])  # (B, S, E)
             x = x + self.outs[j](y)
             x = x + self.ffns[j](self.ffn_norms[j](x))
             new_state.append(hc)
-        logits = self.lm_head(self.post_norm(x))  # (B, S, V)
-        return (logits, tuple(new_state)) if return_state else logits
+        return lm_outputs(self.post_norm(x), self.lm_head, labels, tuple(new_state), return_state, return_logits)
 
     def optim_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay on weight matrices except the embedding."""

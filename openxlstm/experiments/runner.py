@@ -7,6 +7,9 @@ One cell = one model trained from scratch on one task with one seed, then tested
                     accuracy scaled so that 0 is chance and 1 perfect (per output token for sequence tasks);
   MQAR:             train and test on fresh sequences of the configured context; the score is the accuracy
                     on the queried values.
+A cell trains through the training engine (``openxlstm/train/engine.py``): the loss is the model's own,
+``model(tokens, labels=targets).loss``, over the scored positions (targets IGNORE elsewhere); the model's output
+head is cut to the task's classes (ids 0..C-1), so the loss is the cross-entropy over the C classes only.
 Every finished cell is appended to ``results.csv`` at once; a rerun with the same settings skips the cells
 already there, so an interrupted grid resumes and new models or seeds append. ``write_report`` turns the
 whole CSV into ``results.md`` and ``heatmap.png`` (models x tasks, mean over seeds).
@@ -21,10 +24,11 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
+from ..train.engine import Engine, EngineConfig
 from ..train.schedule import CosineSchedule
-from .formal import IGNORE, TASKS, FormalTask, get_task
+from .formal import TASKS, FormalTask, get_task
 from .models import build_model, canonical_name
 from .mqar import MQARTask
 
@@ -104,70 +108,70 @@ def _batch(task: Task, spec: CellSpec, gen: torch.Generator, lo: int, hi: int, b
     return task.sample(batch, n, gen, prefix_labels=train and spec.supervision == "prefix")
 
 
-def _loss_and_correct(model, task: Task, tokens: torch.Tensor, targets: torch.Tensor):
-    """Cross-entropy over the scored positions and (number correct, number scored)."""
-    logits = model(tokens)[..., : task.num_classes].float()  # (B, S, C)
-    mask = targets != IGNORE  # (B, S)
-    loss = F.cross_entropy(logits[mask], targets[mask])
-    correct = (logits[mask].argmax(-1) == targets[mask]).sum().item()
-    return loss, correct, int(mask.sum())
+@dataclass(frozen=True)
+class RunOptions:
+    """How cells run, not what they compute (not part of the CSV key): the training engine's hardware options."""
+
+    device: str = "cpu"
+    dtype: str = "auto"  # autocast: auto (bf16 on GPU), float32, bfloat16
+    compile: Union[bool, str] = False  # torch.compile: True (inductor) or a backend name
+    activation_checkpointing: bool = False
+
+    def engine_config(self, **optimizer) -> EngineConfig:
+        return EngineConfig(device=self.device, dtype=self.dtype, compile=self.compile,
+                            activation_checkpointing=self.activation_checkpointing, **optimizer)
 
 
-@torch.inference_mode()
-def evaluate(model, task: Task, spec: CellSpec, gen: torch.Generator, lo: int, hi: int, batches: int) -> float:
+def classifier_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Cut the output head (V, E) to its first ``num_classes`` rows in place: the model reads the task's
+    ``vocab_size`` symbols and scores its C classes (ids 0..C-1), so its loss and arg-max are over the classes.
+    The rows kept are the ones the full head was initialized with."""
+    head = model.lm_head
+    if head.weight.shape[0] != num_classes:
+        narrow = nn.utils.skip_init(nn.Linear, head.in_features, num_classes, bias=False)  # no RNG drawn
+        with torch.no_grad():
+            narrow.weight.copy_(head.weight[:num_classes])
+        model.lm_head = narrow
+    return model
+
+
+def evaluate(engine: Engine, task: Task, spec: CellSpec, gen: torch.Generator, lo: int, hi: int, batches: int) -> float:
     """Accuracy on ``batches`` fresh batches (formal tasks: one length in [lo, hi] per batch)."""
-    model.eval()
-    correct = total = 0
-    for _ in range(batches):
-        tokens, targets = _batch(task, spec, gen, lo, hi, spec.eval_batch_size)
-        _, c, t = _loss_and_correct(model, task, tokens, targets)
-        correct, total = correct + c, total + t
-    model.train()
-    return correct / total
+    data = [_batch(task, spec, gen, lo, hi, spec.eval_batch_size) for _ in range(batches)]
+    return engine.evaluate(data, accuracy=True).accuracy
 
 
-def run_cell(spec: CellSpec, max_seconds: Optional[float] = None,
-             log: Callable[[str], None] = print, log_every: int = 100) -> dict:
+def run_cell(spec: CellSpec, max_seconds: Optional[float] = None, log: Callable[[str], None] = print,
+             log_every: int = 100, options: RunOptions = RunOptions()) -> dict:
     """Train and test one cell; returns the CSV row (spec fields + results).
 
     ``max_seconds`` stops training early (the row records ``steps_done``); the learning-rate schedule
     (5% linear warm-up, then ``spec.schedule``: cosine to 10% or constant) is laid out over ``spec.steps``.
+    Recipe: AdamW (0.9, 0.98) with weight decay on matrices, gradient clipping 1.0.
     """
     task = make_task(spec)
     torch.manual_seed(spec.seed)
     context = spec.mqar_context if spec.task == "mqar" else 2 * spec.test_max_len + 1
     model = build_model(spec.model, task.vocab_size, spec.width, spec.num_blocks, context_length=context)
-    opt = torch.optim.AdamW(model.optim_groups(spec.weight_decay), lr=spec.lr, betas=(0.9, 0.98))
-    schedule = lr_schedule(spec.lr, spec.steps, spec.schedule)
+    classifier_head(model, task.num_classes)
+    engine = Engine(model, lr_schedule(spec.lr, spec.steps, spec.schedule),
+                    options.engine_config(weight_decay=spec.weight_decay, betas=(0.9, 0.98), grad_clip=1.0))
 
     gen = torch.Generator().manual_seed(spec.seed)
     start = time.time()
+    run = engine.fit(lambda step: _batch(task, spec, gen, 1, spec.train_max_len, spec.batch_size, train=True),
+                     spec.steps, max_seconds=max_seconds, log_every=log_every, log=lambda msg: log(f"    {msg}"))
     ema = None
-    step = 0
-    model.train()
-    for step in range(1, spec.steps + 1):
-        schedule.apply(opt, step - 1)
-        tokens, targets = _batch(task, spec, gen, 1, spec.train_max_len, spec.batch_size, train=True)
-        loss, _, _ = _loss_and_correct(model, task, tokens, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        elapsed = time.time() - start
-        if step % log_every == 0 or step == spec.steps:
-            log(f"    step {step}/{spec.steps}  loss {ema:.4f}  {elapsed:.0f}s")
-        if max_seconds is not None and elapsed > max_seconds:
-            log(f"    time budget {max_seconds:.0f}s reached at step {step}")
-            break
+    for loss in run.losses:  # the reported loss: an exponential moving average over the steps
+        ema = loss if ema is None else 0.95 * ema + 0.05 * loss
     train_seconds = time.time() - start
 
     eval_gen = torch.Generator().manual_seed(10_000 + spec.seed)
-    train_acc = evaluate(model, task, spec, eval_gen, 1, spec.train_max_len, spec.eval_batches)
-    acc = evaluate(model, task, spec, eval_gen, spec.test_min_len, spec.test_max_len, spec.eval_batches)
+    train_acc = evaluate(engine, task, spec, eval_gen, 1, spec.train_max_len, spec.eval_batches)
+    acc = evaluate(engine, task, spec, eval_gen, spec.test_min_len, spec.test_max_len, spec.eval_batches)
     scaled = (acc - task.chance) / (1.0 - task.chance)
     row = asdict(spec)
-    row.update(params=model.num_params(), steps_done=step, final_loss=round(ema, 5),
+    row.update(params=model.num_params(), steps_done=run.step, final_loss=round(ema, 5),
                train_accuracy=round(train_acc, 4), accuracy=round(acc, 4), chance=round(task.chance, 4),
                scaled_accuracy=round(scaled, 4), score=round(acc if spec.task == "mqar" else scaled, 4),
                seconds=round(time.time() - start, 1), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -230,7 +234,7 @@ def row_key(row: dict) -> tuple:
 
 
 def run_grid(specs: list[CellSpec], out_dir: Union[str, Path], max_seconds: Optional[float] = None,
-             log: Callable[[str], None] = print, log_every: int = 100) -> list[dict]:
+             log: Callable[[str], None] = print, log_every: int = 100, options: RunOptions = RunOptions()) -> list[dict]:
     """Run every cell not already in ``out_dir/results.csv``, appending each as it finishes; then write
     ``results.md`` and ``heatmap.png`` from the whole CSV. Returns the new rows."""
     out_dir = Path(out_dir)
@@ -245,7 +249,7 @@ def run_grid(specs: list[CellSpec], out_dir: Union[str, Path], max_seconds: Opti
     for j, spec in enumerate(todo):
         eta = "" if j == 0 else f", ~{(time.time() - start) / j * (len(todo) - j) / 60:.0f} min left"
         log(f"[{j + 1}/{len(todo)}] {spec.task_label} {spec.model} seed {spec.seed}{eta}")
-        row = run_cell(spec, max_seconds=max_seconds, log=log, log_every=log_every)
+        row = run_cell(spec, max_seconds=max_seconds, log=log, log_every=log_every, options=options)
         append_result(csv_path, row)
         new_rows.append(row)
         write_report(out_dir, log=lambda _: None)
@@ -364,5 +368,5 @@ def grid_specs(tasks: list[str], models: list[str], seeds: list[int], **settings
     return [CellSpec(task=t, model=m, seed=s, **settings) for t in tasks for m in models for s in seeds]
 
 
-__all__ = ["ALL_TASKS", "SCHEDULES", "CellSpec", "lr_schedule", "run_cell", "run_grid", "grid_specs", "read_results", "append_result",
+__all__ = ["ALL_TASKS", "SCHEDULES", "CellSpec", "RunOptions", "classifier_head", "lr_schedule", "run_cell", "run_grid", "grid_specs", "read_results", "append_result",
            "markdown_table", "heatmap", "write_report", "evaluate"]
