@@ -4,7 +4,7 @@ What it times (bfloat16 inputs, random values, triton.testing.do_bench median af
 
 * mLSTM chunkwise, forward and forward+backward, with the peak memory of forward+backward:
   B8 NH16 S8192 d_qk128 d_v256 (65,536 tokens): ours (`openxlstm.ops.mlstm.mlstm`, backend "triton",
-  chunk 64 and 128), mlstm-kernels `limit_chunk` and `triton_xl_chunk` (TFLA), PyTorch SDPA causal attention
+  its default chunk, 128 and 64), mlstm-kernels `limit_chunk` and `triton_xl_chunk` (TFLA), PyTorch SDPA causal attention
   (cuDNN and flash backends, q/k head dim 128, v 256 where the backend takes it), flash-linear-attention
   `chunk_simple_gla` (no normalizer: a speed reference only); flatness in S at 65,536 tokens
   (S2048/B32, S16384/B4); the 125m model's head shape B8 NH4 S2048 384x384.
@@ -77,34 +77,32 @@ def plan(smoke: bool, flashrnn_cuda: bool = False, xlstm_cuda: bool = False) -> 
     def cases(impls, shapes, group):
         return [{"group": group, "shape": s, "impl": i} for s in shapes for i in impls]
 
-    ours = ["openxlstm triton L64", "openxlstm triton L128"]
+    ours = ["openxlstm triton (default chunk)", "openxlstm triton L128", "openxlstm triton L64"]
     mk = "mlstm-kernels limit_chunk L64"
-    G1 = "mLSTM chunkwise"
+    G1, GF, GH = "mLSTM chunkwise", "mLSTM chunkwise (flatness in S)", "mLSTM chunkwise (125m head shape)"
+    decode_shape = lambda b: {"B": b, "NH": dec["NH"], "dqk": dec["dqk"], "dv": dec["dv"]}  # noqa: E731
     jobs = [
-        dict(name="ours-mlstm", cap_s=90, kind="mlstm",
-             cases=cases(ours, [main], G1) + cases(ours, flat, G1 + " (flatness in S)")
-             + cases(ours, [head], G1 + " (125m head shape)")
-             + [{"group": "check", "shape": main, "impl": "openxlstm triton L64 vs chunkwise float32"}]),
+        dict(name="ours-mlstm", cap_s=100, kind="mlstm",
+             cases=cases(ours[:1], [main], G1) + cases(ours[:1], flat, GF) + cases(ours[1:], [main], G1)
+             + [{"group": "check", "shape": main, "impl": "openxlstm triton (default chunk) vs chunkwise float32"}]),
         dict(name="sdpa", cap_s=30, kind="mlstm", cuda=True,
-             cases=cases(["SDPA cuDNN", "SDPA flash"], [main], G1) + cases(["SDPA cuDNN"], [head], G1 + " (125m head shape)")),
+             cases=cases(["SDPA cuDNN", "SDPA flash"], [main], G1) + cases(["SDPA cuDNN"], [head], GH)),
         dict(name="mlstm-kernels", cap_s=60, kind="mlstm", cuda=True,
-             cases=cases([mk], [main], G1) + cases([mk], flat, G1 + " (flatness in S)")
-             + cases([mk], [head], G1 + " (125m head shape)")),
+             cases=cases([mk], [main], G1) + cases([mk], flat, GF) + cases([mk], [head], GH)),
         dict(name="ours-decode", cap_s=40, kind="decode",
              cases=[{"group": "mLSTM decode step", "shape": "2 GiB float32" if not smoke else "16 MiB float32",
                      "impl": "device copy (reference)"}]
-             + [{"group": "mLSTM decode step", "shape": {"B": b, "NH": dec["NH"], "dqk": dec["dqk"], "dv": dec["dv"]}, "impl": i}
+             + [{"group": "mLSTM decode step", "shape": decode_shape(b), "impl": i}
                 for b in dec["batches"] for i in ("openxlstm triton", "openxlstm triton, CUDA graph")]),
         dict(name="ours-slstm", cap_s=40, kind="slstm", cases=cases(["openxlstm triton"], [sl], "sLSTM")),
         dict(name="flashrnn-triton", cap_s=45, kind="slstm", cuda=True, cases=cases(["FlashRNN triton_fused"], [sl], "sLSTM")),
+        dict(name="tfla", cap_s=45, kind="mlstm", cuda=True, cases=cases(["mlstm-kernels triton_xl_chunk L128"], [main], G1)),
+        dict(name="ours-mlstm-head", cap_s=60, kind="mlstm", cases=cases([ours[0], ours[2]], [head], GH)),
+        dict(name="fla", cap_s=60, kind="mlstm", cuda=True, cases=cases(["fla chunk_simple_gla (no normalizer)"], [main], G1)),
         dict(name="xlstm-vanilla", cap_s=40, kind="slstm", cases=cases(["xlstm sLSTM vanilla"], [sl], "sLSTM")),
         dict(name="mlstm-kernels-decode", cap_s=30, kind="decode", cuda=True,
-             cases=[{"group": "mLSTM decode step", "shape": {"B": b, "NH": dec["NH"], "dqk": dec["dqk"], "dv": dec["dv"]},
-                     "impl": "mlstm-kernels triton step"} for b in dec["batches"]]),
-        dict(name="tfla", cap_s=45, kind="mlstm", cuda=True,
-             cases=cases(["mlstm-kernels triton_xl_chunk L128"], [main], G1)),
-        dict(name="fla", cap_s=60, kind="mlstm", cuda=True,
-             cases=cases(["fla chunk_simple_gla (no normalizer)"], [main], G1)),
+             cases=[{"group": "mLSTM decode step", "shape": decode_shape(b), "impl": "mlstm-kernels triton step"}
+                    for b in dec["batches"]]),
     ]
     if flashrnn_cuda:
         jobs.append(dict(name="flashrnn-cuda", cap_s=240, kind="slstm", cuda=True,
@@ -232,10 +230,10 @@ class Worker:
         """(fn(q, k, v, i, f) -> output tensor, layout "bhsd" or "bshd", note) for one implementation."""
         torch = self.torch
         F = torch.nn.functional
-        if impl.startswith("openxlstm triton L"):
+        if impl.startswith("openxlstm triton"):
             from openxlstm.ops.mlstm import mlstm
 
-            L = int(impl.rsplit("L", 1)[1])
+            L = None if impl.endswith("(default chunk)") else int(impl.rsplit("L", 1)[1])
             return (lambda q, k, v, i, f: mlstm(q, k, v, i, f, backend="triton", chunk_size=L)), "bhsd", ""
         if impl.startswith("mlstm-kernels limit_chunk"):
             if not self.cuda:  # smoke: the package's PyTorch chunkwise form, same call convention
@@ -341,7 +339,7 @@ class Worker:
             s = dict(s, B=1)  # one sequence of the full length keeps the float32 reference cheap
         xs, _ = self.mlstm_inputs(s, "bhsd", s["dv"], grad=False)
         with torch.no_grad():
-            h = mlstm(*xs, backend="triton", chunk_size=64).float()
+            h = mlstm(*xs, backend="triton").float()
             ref = mlstm(*(t.float() for t in xs), backend="chunkwise", chunk_size=64)
         err = float((h - ref).norm() / ref.norm())
         return {"note": f"h rel err {err:.2e} (B{s['B']}; bf16 output rounding is about 2e-3)",
