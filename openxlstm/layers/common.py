@@ -101,15 +101,15 @@ class _BlockDiagonal(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         nb = weight.shape[0]
         with torch.autocast(x.device.type, enabled=False):
-            y = torch.einsum("...hi,hoi->...ho", x.view(*x.shape[:-1], nb, -1), weight)
+            y = torch.einsum("...hi,hoi->...ho", x.reshape(*x.shape[:-1], nb, -1), weight)
         return y.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         nb = weight.shape[0]
-        dy = dy.to(x.dtype).view(*dy.shape[:-1], nb, -1)  # (..., nb, bs_out)
-        xb = x.view(*x.shape[:-1], nb, -1)  # (..., nb, bs_in)
+        dy = dy.to(x.dtype).contiguous().view(*dy.shape[:-1], nb, -1)  # (..., nb, bs_out)
+        xb = x.reshape(*x.shape[:-1], nb, -1)  # (..., nb, bs_in)
         dx = torch.einsum("...ho,hoi->...hi", dy, weight).reshape(x.shape)
         dw = torch.einsum("...ho,...hi->hoi", dy, xb)
         return dx, dw

@@ -664,9 +664,9 @@ def mlstm_triton_backward(q, k, v, i, f, C0, n0, m0, h32, stats, dh, dC=None, dn
     dlogf = db.flip(-1).cumsum(-1).flip(-1) + DG.sum(0)[..., None]
     di = kdk[:, :S].reshape(B, NH, S)
     df = dlogf.view(BH, NCL)[:, :S].reshape(B, NH, S) * torch.sigmoid(-f.float())
-    dC0 = DCS[:, 0].reshape(B, NH, dqk, dv) if has_state else None
-    dn0 = DNS[:, 0].reshape(B, NH, dqk) if has_state else None
-    return dq, dk, dvv, di.to(i.dtype), df.to(f.dtype), dC0, dn0
+    dC0 = DCS[:, 0].reshape(B, NH, dqk, dv).contiguous() if has_state else None
+    dn0 = DNS[:, 0].reshape(B, NH, dqk).contiguous() if has_state else None
+    return dq, dk, dvv, di.to(i.dtype).contiguous(), df.to(f.dtype).contiguous(), dC0, dn0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -710,8 +710,8 @@ def _(q, k, v, i, f, C0, n0, m0, h32, stats, dh, dC, dn, chunk_size, eps):
     f32 = torch.float32
     dC0 = q.new_empty(C0.shape, dtype=f32) if C0 is not None else q.new_empty(0, dtype=f32)
     dn0 = q.new_empty(n0.shape, dtype=f32) if n0 is not None else q.new_empty(0, dtype=f32)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(i), torch.empty_like(f),
-            dC0, dn0)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), i.new_empty(i.shape),
+            f.new_empty(f.shape), dC0, dn0)
 
 
 def _setup_context(ctx, inputs, output):

@@ -73,6 +73,48 @@ def _mlstm_step_kernel(
         tl.store(M1 + bh, m_new)
 
 
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("openxlstm::mlstm_step", mutates_args=())
+def _step_op(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: Optional[Tensor], n0: Optional[Tensor],
+             m0: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The kernel launch: h (B, NH, d_v) float32 and the new float32 state; one op for torch.compile and
+    CUDA graphs."""
+    B, NH, dqk = q.shape
+    dv = v.shape[-1]
+    dev = q.device
+    q, k, v, i, f = (t.contiguous() for t in (q, k, v, i, f))
+    has_state = C0 is not None
+    if has_state:
+        C0, n0, m0 = (t.to(device=dev, dtype=torch.float32).contiguous() for t in (C0, n0, m0))
+    else:
+        C0 = n0 = m0 = q  # never read (HAS_STATE=False)
+    C1 = triton_utils.empty(B, NH, dqk, dv, device=dev, dtype=torch.float32)
+    n1 = triton_utils.empty(B, NH, dqk, device=dev, dtype=torch.float32)
+    m1 = triton_utils.empty(B, NH, device=dev, dtype=torch.float32)
+    h = triton_utils.empty(B, NH, dv, device=dev, dtype=torch.float32)
+    BK = pow2(dqk, lo=16, hi=32)
+    # Enough programs to fill the GPU at batch 1: narrow value tiles when there are few heads.
+    BV = pow2(dv, lo=16, hi=32 if B * NH < 64 else 64)
+    grid = (B * NH, triton.cdiv(dv, BV))
+    _mlstm_step_kernel[grid](
+        q, k, v, i, f, C0, n0, m0, h, C1, n1, m1,
+        dqk, dv, dqk**-0.5, eps,
+        HAS_STATE=has_state, M_FLOOR=M_FLOOR, BK=BK, BV=BV,
+    )
+    return h, C1, n1, m1
+
+
+@_step_op.register_fake
+def _(q, k, v, i, f, C0, n0, m0, eps):
+    B, NH, dqk = q.shape
+    dv = v.shape[-1]
+    f32 = torch.float32
+    return (q.new_empty(B, NH, dv, dtype=f32), q.new_empty(B, NH, dqk, dv, dtype=f32), q.new_empty(B, NH, dqk, dtype=f32),
+            q.new_empty(B, NH, dtype=f32))
+
+
 def mlstm_step_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -90,28 +132,10 @@ def mlstm_step_triton(
     """
     B, NH, dqk = q.shape
     dv = v.shape[-1]
-    dev = q.device
     if q.dtype == torch.float64:
-        return mlstm_step(q, k, v, i, f, initial_state(state, B, NH, dqk, dv, torch.float64, dev), eps)
-    q, k, v, i, f = (t.contiguous() for t in (q, k, v, i, f))
-    has_state = state is not None
-    if has_state:
-        C0, n0, m0 = (t.to(device=dev, dtype=torch.float32).contiguous() for t in state)
-    else:
-        C0 = n0 = m0 = q  # never read (HAS_STATE=False)
-    C1 = triton_utils.empty(B, NH, dqk, dv, device=dev, dtype=torch.float32)
-    n1 = triton_utils.empty(B, NH, dqk, device=dev, dtype=torch.float32)
-    m1 = triton_utils.empty(B, NH, device=dev, dtype=torch.float32)
-    h = triton_utils.empty(B, NH, dv, device=dev, dtype=torch.float32)
-    BK = pow2(dqk, lo=16, hi=32)
-    # Enough programs to fill the GPU at batch 1: narrow value tiles when there are few heads.
-    BV = pow2(dv, lo=16, hi=32 if B * NH < 64 else 64)
-    grid = (B * NH, triton.cdiv(dv, BV))
-    _mlstm_step_kernel[grid](
-        q, k, v, i, f, C0, n0, m0, h, C1, n1, m1,
-        dqk, dv, dqk**-0.5, eps,
-        HAS_STATE=has_state, M_FLOOR=M_FLOOR, BK=BK, BV=BV,
-    )
+        return mlstm_step(q, k, v, i, f, initial_state(state, B, NH, dqk, dv, torch.float64, q.device), eps)
+    C0, n0, m0 = (None, None, None) if state is None else state
+    h, C1, n1, m1 = torch.ops.openxlstm.mlstm_step(q, k, v, i, f, C0, n0, m0, eps)
     return h.to(v.dtype), mLSTMState(C1, n1, m1)
 
 

@@ -3,6 +3,8 @@
 The forward runs the time loop without recording an autograd graph and keeps the states; the backward
 walks the sequence in reverse (backpropagation through time) with one small matmul per step and computes
 the weight gradients for all steps at once. Same maths as ``recurrent.py`` (which the tests compare it to).
+Both loops are PyTorch custom ops (``openxlstm::slstm_fused_fwd`` / ``_bwd``): torch.compile sees one
+operation each instead of unrolling S time steps into its graph.
 """
 
 from __future__ import annotations
@@ -11,6 +13,25 @@ import torch
 
 from .common import sLSTMState
 from .recurrent import log_forget, recurrent_preact
+
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("openxlstm::slstm_fused_fwd", mutates_args=())
+def _forward_op(x: Tensor, R: Tensor, b: Tensor, h0: Tensor, c0: Tensor, n0: Tensor, m0: Tensor,
+                exp_forget: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    B, S, E = x.shape[0], x.shape[1], h0.shape[1]
+    with torch.no_grad():
+        return _forward(x.view(B, S, 4, E), R, b.view(4, E), sLSTMState(h0, c0, n0, m0),
+                        "exp" if exp_forget else "sigmoid")
+
+
+@_forward_op.register_fake
+def _(x, R, b, h0, c0, n0, m0, exp_forget):
+    B, S, E = x.shape[0], x.shape[1], h0.shape[1]
+    hs = x.new_empty(S + 1, B, E)
+    return hs, torch.empty_like(hs), torch.empty_like(hs), torch.empty_like(hs), x.new_empty(S, 5, B, E)
 
 
 def _forward(x, R, b, state: sLSTMState, forget_gate: str):
@@ -42,14 +63,52 @@ def _forward(x, R, b, state: sLSTMState, forget_gate: str):
     return hs, cs, ns, ms, acts
 
 
+@torch.library.custom_op("openxlstm::slstm_fused_bwd", mutates_args=())
+def _backward_op(R: Tensor, hs: Tensor, cs: Tensor, ns: Tensor, acts: Tensor, d_out: Tensor, d_h: Tensor,
+                 d_c: Tensor, d_n: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backpropagation through time: (dx (B, S, 4E), dR, db, dh0, dc0, dn0) from the saved states."""
+    S, B, E = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    NH, d = R.shape[0], R.shape[1]
+    dh_rec, dc, dn = d_h.clone(memory_format=torch.contiguous_format), d_c.contiguous().clone(), d_n.contiguous().clone()
+    dpre = hs.new_empty(S, B, 4, E)
+    R_t = R.reshape(NH, d, 4 * d)  # [head, input, (gate, output)]
+    for t in range(S - 1, -1, -1):
+        i_act, f_act, tz, so, dlogf_df = acts[t]
+        c, n = cs[t + 1], ns[t + 1]
+        dh = d_out[:, t] + dh_rec
+        inv_n = 1.0 / n
+        d_so = dh * c * inv_n
+        dc = dc + dh * so * inv_n
+        dn = dn - dh * so * c * inv_n * inv_n
+        g = dpre[t]
+        g[:, 0] = (dc * tz + dn) * i_act  # d i
+        g[:, 1] = (dc * cs[t] + dn * ns[t]) * f_act * dlogf_df  # d f
+        g[:, 2] = dc * i_act * (1.0 - tz * tz)  # d z
+        g[:, 3] = d_so * so * (1.0 - so)  # d o
+        dc = dc * f_act
+        dn = dn * f_act
+        # dh_{t-1}[b, h, i] = sum_{g, o} R[h, i, g, o] * dpre[b, g, h, o]
+        g_heads = g.view(B, 4, NH, d).permute(2, 0, 1, 3).reshape(NH, B, 4 * d)
+        dh_rec = torch.bmm(g_heads, R_t.transpose(1, 2)).permute(1, 0, 2).reshape(B, E)
+    h_prev = hs[:-1].reshape(S * B, NH, d)
+    g_all = dpre.reshape(S * B, 4, NH, d)
+    dR = torch.einsum("khi,kgho->higo", h_prev, g_all).contiguous()
+    db = dpre.sum(dim=(0, 1)).reshape(4 * E)
+    dx = dpre.view(S, B, 4 * E).transpose(0, 1)  # (B, S, 4E), laid out time-major
+    return dx, dR, db, dh_rec, dc, dn
+
+
+@_backward_op.register_fake
+def _(R, hs, cs, ns, acts, d_out, d_h, d_c, d_n):
+    S, B, E = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    return (hs.new_empty(S, B, 4 * E).transpose(0, 1), R.new_empty(R.shape), hs.new_empty(4 * E),
+            hs.new_empty(B, E), hs.new_empty(B, E), hs.new_empty(B, E))
+
+
 class _sLSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, R, b, h0, c0, n0, m0, forget_gate):
-        B, S, E = x.shape[0], x.shape[1], h0.shape[1]
-        with torch.no_grad():
-            hs, cs, ns, ms, acts = _forward(
-                x.view(B, S, 4, E), R, b.view(4, E), sLSTMState(h0, c0, n0, m0), forget_gate
-            )
+        hs, cs, ns, ms, acts = torch.ops.openxlstm.slstm_fused_fwd(x, R, b, h0, c0, n0, m0, forget_gate == "exp")
         ctx.save_for_backward(R, hs, cs, ns, acts)
         m_last = ms[-1].clone()
         ctx.mark_non_differentiable(m_last)
@@ -59,38 +118,12 @@ class _sLSTMFunction(torch.autograd.Function):
     def backward(ctx, d_out, d_h, d_c, d_n, d_m):
         R, hs, cs, ns, acts = ctx.saved_tensors
         S, B, E = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-        NH, d = R.shape[0], R.shape[1]
         zeros = hs.new_zeros(B, E)
         d_out = d_out if d_out is not None else hs.new_zeros(B, S, E)
-        dh_rec = d_h if d_h is not None else zeros
-        dc = d_c if d_c is not None else zeros
-        dn = d_n if d_n is not None else zeros
-        dpre = hs.new_empty(S, B, 4, E)
-        R_t = R.reshape(NH, d, 4 * d)  # [head, input, (gate, output)]
-        for t in range(S - 1, -1, -1):
-            i_act, f_act, tz, so, dlogf_df = acts[t]
-            c, n = cs[t + 1], ns[t + 1]
-            dh = d_out[:, t] + dh_rec
-            inv_n = 1.0 / n
-            d_so = dh * c * inv_n
-            dc = dc + dh * so * inv_n
-            dn = dn - dh * so * c * inv_n * inv_n
-            g = dpre[t]
-            g[:, 0] = (dc * tz + dn) * i_act  # d i
-            g[:, 1] = (dc * cs[t] + dn * ns[t]) * f_act * dlogf_df  # d f
-            g[:, 2] = dc * i_act * (1.0 - tz * tz)  # d z
-            g[:, 3] = d_so * so * (1.0 - so)  # d o
-            dc = dc * f_act
-            dn = dn * f_act
-            # dh_{t-1}[b, h, i] = sum_{g, o} R[h, i, g, o] * dpre[b, g, h, o]
-            g_heads = g.view(B, 4, NH, d).permute(2, 0, 1, 3).reshape(NH, B, 4 * d)
-            dh_rec = torch.bmm(g_heads, R_t.transpose(1, 2)).permute(1, 0, 2).reshape(B, E)
-        h_prev = hs[:-1].reshape(S * B, NH, d)
-        g_all = dpre.reshape(S * B, 4, NH, d)
-        dR = torch.einsum("khi,kgho->higo", h_prev, g_all)
-        db = dpre.sum(dim=(0, 1)).reshape(4 * E)
-        dx = dpre.transpose(0, 1).reshape(B, S, 4 * E)
-        return dx, dR, db, dh_rec, dc, dn, None, None
+        dx, dR, db, dh0, dc0, dn0 = torch.ops.openxlstm.slstm_fused_bwd(
+            R, hs, cs, ns, acts, d_out, zeros if d_h is None else d_h, zeros if d_c is None else d_c,
+            zeros if d_n is None else d_n)
+        return dx, dR, db, dh0, dc0, dn0, None, None
 
 
 def slstm_fused(x, R, b, state: sLSTMState, forget_gate: str = "sigmoid") -> tuple[torch.Tensor, sLSTMState]:

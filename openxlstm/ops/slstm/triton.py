@@ -191,30 +191,81 @@ def _config(d: int, backward: bool) -> dict:
     return {"BB": 16, "DP": DP, "KC": KC, "num_warps": warps, "num_stages": 1}
 
 
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("openxlstm::slstm_triton_fwd", mutates_args=())
+def _fwd_op(x: Tensor, R: Tensor, b: Tensor, h0: Tensor, c0: Tensor, n0: Tensor, m0: Tensor,
+            exp_forget: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """y (B, S, E) in x.dtype, and HS, CS, NS, MS (S+1, B, E), PRE (S, B, 4, E) float32 for the backward."""
+    B, S = x.shape[:2]
+    NH, d = R.shape[0], R.shape[1]
+    E = NH * d
+    dev, f32 = x.device, torch.float32
+    cfg = _config(d, backward=False)
+    HS = triton_utils.empty(S + 1, B, E, device=dev, dtype=f32)
+    CS, NS, MS = (triton_utils.empty(S + 1, B, E, device=dev, dtype=f32) for _ in range(3))
+    for buf, init in ((HS, h0), (CS, c0), (NS, n0), (MS, m0)):
+        buf[0] = init
+    PRE = triton_utils.empty(S, B, 4, E, device=dev, dtype=f32)
+    y = triton_utils.empty(B, S, E, device=dev, dtype=x.dtype)
+    _slstm_fwd[(triton.cdiv(B, cfg["BB"]), NH)](
+        x, R, b, y, HS, CS, NS, MS, PRE, B, S, d, E,
+        EXP_FORGET=exp_forget, PREC=dot_config(x.dtype)["PREC"], **cfg,
+    )
+    return y, HS, CS, NS, MS, PRE
+
+
+@_fwd_op.register_fake
+def _(x, R, b, h0, c0, n0, m0, exp_forget):
+    B, S = x.shape[:2]
+    E = R.shape[0] * R.shape[1]
+    st = x.new_empty(S + 1, B, E, dtype=torch.float32)
+    return (x.new_empty(B, S, E), st, torch.empty_like(st), torch.empty_like(st), torch.empty_like(st),
+            x.new_empty(S, B, 4, E, dtype=torch.float32))
+
+
+@torch.library.custom_op("openxlstm::slstm_triton_bwd", mutates_args=())
+def _bwd_op(R: Tensor, HS: Tensor, CS: Tensor, NS: Tensor, MS: Tensor, PRE: Tensor, dy: Tensor, dh_last: Tensor,
+            dc_last: Tensor, dn_last: Tensor, exp_forget: bool, half: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                                   Tensor, Tensor]:
+    """(dx (B, S, 4E), dR, db, dh0, dc0, dn0), all float32."""
+    S1, B, E = HS.shape
+    S = S1 - 1
+    NH, d = R.shape[0], R.shape[1]
+    dev, f32 = HS.device, torch.float32
+    cfg = _config(d, backward=True)
+    DHR = torch.zeros(2, B, E, device=dev, dtype=f32)
+    DHR[S % 2] = dh_last
+    DC = dc_last.float().clone()
+    DN = dn_last.float().clone()
+    DX = triton_utils.empty(B, S, 4 * E, device=dev, dtype=f32)
+    _slstm_bwd[(triton.cdiv(B, cfg["BB"]), NH)](
+        R, dy.contiguous(), HS, CS, NS, MS, PRE, DX, DHR, DC, DN, B, S, d, E,
+        EXP_FORGET=exp_forget, PREC="tf32" if half else "ieee", **cfg,
+    )
+    h_prev = HS[:S].reshape(S, B, NH, d)
+    dR = torch.einsum("tbhi,btgho->higo", h_prev, DX.view(B, S, 4, NH, d)).contiguous()
+    return DX, dR, DX.sum(dim=(0, 1)), DHR[0].clone(), DC.contiguous(), DN.contiguous()
+
+
+@_bwd_op.register_fake
+def _(R, HS, CS, NS, MS, PRE, dy, dh_last, dc_last, dn_last, exp_forget, half):
+    S1, B, E = HS.shape
+    f32 = torch.float32
+    return (HS.new_empty(B, S1 - 1, 4 * E), R.new_empty(R.shape, dtype=f32), HS.new_empty(4 * E),
+            HS.new_empty(B, E), HS.new_empty(B, E), HS.new_empty(B, E))
+
+
 class _SLSTMTritonFn(torch.autograd.Function):
     """x (B, S, 4E), R (NH, d, 4, d), b (4E,), h0, c0, n0, m0 (B, E) float32 -> y, h, c, n, m."""
 
     @staticmethod
     def forward(ctx, x, R, b, h0, c0, n0, m0, forget_gate):
-        B, S = x.shape[:2]
-        NH, d = R.shape[0], R.shape[1]
-        E = NH * d
-        dev = x.device
-        f32 = torch.float32
-        cfg = _config(d, backward=False)
-        prec = dot_config(x.dtype)["PREC"]
-        HS = triton_utils.empty(S + 1, B, E, device=dev, dtype=f32)
-        CS, NS, MS = (triton_utils.empty(S + 1, B, E, device=dev, dtype=f32) for _ in range(3))
-        for buf, init in ((HS, h0), (CS, c0), (NS, n0), (MS, m0)):
-            buf[0] = init
-        PRE = triton_utils.empty(S, B, 4, E, device=dev, dtype=f32)
-        y = triton_utils.empty(B, S, E, device=dev, dtype=x.dtype)
-        grid = (triton.cdiv(B, cfg["BB"]), NH)
+        S = x.shape[1]
         Rc = R.contiguous()
-        _slstm_fwd[grid](
-            x, Rc, b.contiguous(), y, HS, CS, NS, MS, PRE, B, S, d, E,
-            EXP_FORGET=forget_gate == "exp", PREC=prec, **cfg,
-        )
+        y, HS, CS, NS, MS, PRE = torch.ops.openxlstm.slstm_triton_fwd(x, Rc, b.contiguous(), h0, c0, n0, m0,
+                                                                     forget_gate == "exp")
         ctx.save_for_backward(Rc, HS, CS, NS, MS, PRE)
         ctx.meta = (forget_gate, x.dtype, R.dtype, b.dtype)
         m_last = MS[S].clone()
@@ -226,29 +277,13 @@ class _SLSTMTritonFn(torch.autograd.Function):
         Rc, HS, CS, NS, MS, PRE = ctx.saved_tensors
         forget_gate, x_dtype, R_dtype, b_dtype = ctx.meta
         S1, B, E = HS.shape
-        S = S1 - 1
-        NH, d = Rc.shape[0], Rc.shape[1]
-        dev = HS.device
-        f32 = torch.float32
-        cfg = _config(d, backward=True)
-        prec = dot_config(x_dtype)["PREC"]
-        dy = torch.zeros(B, S, E, device=dev, dtype=f32) if dy is None else dy.contiguous()
-        DHR = torch.zeros(2, B, E, device=dev, dtype=f32)
-        if dh_last is not None:
-            DHR[S % 2] = dh_last
-        DC = torch.zeros(B, E, device=dev, dtype=f32) if dc_last is None else dc_last.float().clone()
-        DN = torch.zeros(B, E, device=dev, dtype=f32) if dn_last is None else dn_last.float().clone()
-        DX = triton_utils.empty(B, S, 4 * E, device=dev, dtype=f32)
-        grid = (triton.cdiv(B, cfg["BB"]), NH)
-        _slstm_bwd[grid](
-            Rc, dy, HS, CS, NS, MS, PRE, DX, DHR, DC, DN, B, S, d, E,
-            EXP_FORGET=forget_gate == "exp", PREC=prec, **cfg,
-        )
-        h_prev = HS[:S].reshape(S, B, NH, d)
-        g_all = DX.view(B, S, 4, NH, d)
-        dR = torch.einsum("tbhi,btgho->higo", h_prev, g_all)
-        db = DX.sum(dim=(0, 1))
-        return DX.to(x_dtype), dR.to(R_dtype), db.to(b_dtype), DHR[0].clone(), DC, DN, None, None
+        zeros = HS.new_zeros(B, E)
+        dy = HS.new_zeros(B, S1 - 1, E) if dy is None else dy
+        dx, dR, db, dh0, dc0, dn0 = torch.ops.openxlstm.slstm_triton_bwd(
+            Rc, HS, CS, NS, MS, PRE, dy, zeros if dh_last is None else dh_last,
+            zeros if dc_last is None else dc_last, zeros if dn_last is None else dn_last, forget_gate == "exp",
+            x_dtype in (torch.bfloat16, torch.float16))
+        return dx.to(x_dtype), dR.to(R_dtype), db.to(b_dtype), dh0, dc0, dn0, None, None
 
 
 def slstm_triton(x, R, b, state: sLSTMState, forget_gate: str = "sigmoid") -> tuple[torch.Tensor, sLSTMState]:
