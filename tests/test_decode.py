@@ -9,11 +9,12 @@ from conftest import rel_err
 from helpers_train import TINY
 from torch._dynamo.backends.registry import lookup_backend
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 import openxlstm.layers.slstm as slstm_layer_module
 from openxlstm import xLSTMConfig
 from openxlstm.data import ByteTokenizer
-from openxlstm.generation import generate
+from openxlstm.generation import _decode_step, _run_step, generate
 from openxlstm.layers.slstm import sLSTMLayer
 from openxlstm.models import build_model
 from openxlstm.ops.slstm import slstm
@@ -159,3 +160,17 @@ def test_compile_falls_back_to_eager_for_growing_or_uncompilable_states():
     want = generate(lstm, PROMPTS, max_new_tokens=4, temperature=0)
     with pytest.warns(UserWarning, match="did not compile"):
         assert generate(lstm, PROMPTS, max_new_tokens=4, temperature=0, compile=counting_backend(calls)) == want
+
+
+def test_cuda_graph_step_hands_back_copies_of_the_state():
+    """After a CUDA-graph replay the state is cloned out of the graph's memory (the next replay overwrites
+    it): same values, same NamedTuple types, new storage (the path runs on CPU too, without a graph)."""
+    model = tiny("xlstm")
+    with torch.no_grad():
+        _, state = model(torch.tensor([[1, 2, 3]]), return_state=True)
+        want_logits, want = _run_step(_decode_step, False, model, torch.tensor([[4]]), state)
+        logits, got = _run_step(_decode_step, True, model, torch.tensor([[4]]), state)
+    assert [type(s) for s in got] == [type(s) for s in want]
+    assert torch.equal(logits, want_logits)
+    for a, b in zip(tree_leaves(got), tree_leaves(want)):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
