@@ -145,7 +145,7 @@ class LSTMLM(_CheckpointingMixin, nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, input_ids: torch.Tensor, state: Optional[LSTMState] = None, return_state: bool = False,
-                labels: Optional[torch.Tensor] = None, return_logits: bool = False):
+                labels: Optional[torch.Tensor] = None, return_logits: bool = False, logits_to_keep: int = 0):
         """input_ids: (B, S) -> logits (B, S, V), or (logits, LSTMState) with ``return_state=True``; with
         ``labels`` an ``LMOutput`` (as ``xLSTMLM.forward``)."""
         check_input_ids("LSTMLM", input_ids, self.config.vocab_size)
@@ -157,7 +157,8 @@ class LSTMLM(_CheckpointingMixin, nn.Module):
             state = (state[0], state[1])
         x = self.dropout(self.embedding(input_ids))  # (B, S, E)
         y, (h, c) = run_block(self.lstm, self.activation_checkpointing, x, state)  # (B, S, H); h, c: (L, B, H)
-        return lm_outputs(self.dropout(y), self.lm_head, labels, LSTMState(h, c), return_state, return_logits)
+        return lm_outputs(self.dropout(y), self.lm_head, labels, LSTMState(h, c), return_state, return_logits,
+                          logits_to_keep)
 
     def optim_groups(self, weight_decay: float) -> list[dict]:
         """Parameter groups for ``torch.optim.AdamW`` (decay on matrices, not on embedding or biases)."""
@@ -330,7 +331,7 @@ class TransformerLM(_CheckpointingMixin, nn.Module):
         nn.init.ones_(self.norm.weight)
 
     def forward(self, input_ids: torch.Tensor, state: Optional[Sequence[KVCache]] = None, return_state: bool = False,
-                labels: Optional[torch.Tensor] = None, return_logits: bool = False):
+                labels: Optional[torch.Tensor] = None, return_logits: bool = False, logits_to_keep: int = 0):
         """input_ids: (B, S) -> logits (B, S, V), or (logits, tuple of KVCache) with ``return_state=True``;
         with ``labels`` an ``LMOutput`` (as ``xLSTMLM.forward``).
 
@@ -347,7 +348,8 @@ class TransformerLM(_CheckpointingMixin, nn.Module):
         for j, block in enumerate(self.blocks):
             x, cache = run_block(block, self.activation_checkpointing, x, None if state is None else state[j])
             caches.append(cache)
-        return lm_outputs(self.norm(x), self.lm_head, labels, tuple(caches), return_state, return_logits)
+        return lm_outputs(self.norm(x), self.lm_head, labels, tuple(caches), return_state, return_logits,
+                          logits_to_keep)
 
     def optim_groups(self, weight_decay: float) -> list[dict]:
         """Parameter groups for ``torch.optim.AdamW`` (decay on matrices, not on embedding or norms)."""

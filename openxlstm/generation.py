@@ -186,7 +186,7 @@ def generate(
     try:
         seq = F.pad(ids, (0, max_new_tokens))  # (B, T): the token fed at each position, prompt or sampled
         T = L + max_new_tokens  # rows end at lens[b] + max_new_tokens; the longest at T
-        logits, state = model(ids[:, :common].contiguous(), return_state=True)  # (B, common, V)
+        logits, state = model(ids[:, :common].contiguous(), return_state=True, logits_to_keep=1)  # (B, 1, V)
         last = logits[:, -1]  # (B, V)
         out: list[list[int]] = [[] for _ in range(B)]
         done, emitted, shapes = [False] * B, [0] * B, _shapes(state)

@@ -107,8 +107,10 @@ class xLSTMLM(nn.Module):
                     raise ValueError(f"xLSTMLM: state[{j}] has batch size {lead.shape[0]}, input_ids has {input_ids.shape[0]}")
 
     def forward(self, input_ids: torch.Tensor, state: Optional[Sequence[BlockState]] = None,
-                return_state: bool = False, labels: Optional[torch.Tensor] = None, return_logits: bool = False):
-        """input_ids: (B, S) token ids -> logits (B, S, V), or (logits, state) with ``return_state=True``.
+                return_state: bool = False, labels: Optional[torch.Tensor] = None, return_logits: bool = False,
+                logits_to_keep: int = 0):
+        """input_ids: (B, S) token ids -> logits (B, S, V), or (logits, state) with ``return_state=True``;
+        ``logits_to_keep > 0`` keeps only the logits of the last that many positions.
 
         With ``labels`` (B, S) (the next token of each position, -100 where nothing is scored) the result is
         an ``LMOutput`` with the mean loss, computed without (B*S, V) float32 logits; its ``logits`` are
@@ -121,7 +123,8 @@ class xLSTMLM(nn.Module):
         for j, block in enumerate(self.blocks):
             x, s = run_block(block, self.activation_checkpointing, x, None if state is None else state[j], self.backends)
             new_state.append(s)
-        return lm_outputs(self.post_norm(x), self.lm_head, labels, tuple(new_state), return_state, return_logits)
+        return lm_outputs(self.post_norm(x), self.lm_head, labels, tuple(new_state), return_state, return_logits,
+                          logits_to_keep)
 
     def generate(self, prompt, tokenizer=None, **kwargs):
         """Continue ``prompt``: prefill in one pass, then decode token by token with the recurrent state.

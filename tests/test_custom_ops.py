@@ -1,5 +1,6 @@
 """Every PyTorch custom op of the package passes torch.library.opcheck: schema, fake (meta) kernel with the
-real output strides, autograd registration, and AOT dispatch. Triton ops run under the interpreter on CPU."""
+real output strides, autograd registration, and AOT dispatch; and every output is contiguous, which is what
+inductor assumes of a custom op's outputs. Triton ops run under the interpreter on CPU."""
 
 import pytest
 import torch
@@ -17,6 +18,12 @@ def r(*shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, generator=g) * scale).to(DEV, dtype)
 
 
+def check(op, args):
+    torch.library.opcheck(op, args)
+    outs = op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    assert all(o.is_contiguous() for o in outs), [o.stride() for o in outs]
+
+
 def _mlstm_inputs(with_state):
     B, NH, S, dqk, dv = 2, 2, 21, 16, 32
     q = r(B, S, NH, dqk).transpose(1, 2)  # strided, as the layer passes them
@@ -30,18 +37,19 @@ def _mlstm_inputs(with_state):
 def test_mlstm_chunkwise_ops(with_state):
     q, k, v, i, f, (C0, n0, m0) = _mlstm_inputs(with_state)
     args = (q.requires_grad_(), k.requires_grad_(), v, i, f, C0, n0, m0, 16, 1e-6)
-    torch.library.opcheck(torch.ops.openxlstm.mlstm_chunkwise_fwd.default, args)
+    check(torch.ops.openxlstm.mlstm_chunkwise_fwd.default, args)
     h, h32, C, n, m, stats = torch.ops.openxlstm.mlstm_chunkwise_fwd(*[a.detach() if isinstance(a, torch.Tensor) else a
                                                                        for a in args])
-    bwd_args = (q.detach(), k.detach(), v, i, f, C0, n0, m0, h32, stats, r(*h.shape), r(*C.shape), None, 16, 1e-6)
-    torch.library.opcheck(torch.ops.openxlstm.mlstm_chunkwise_bwd.default, bwd_args)
+    dh = r(*h.shape).transpose(1, 2)  # (B, NH, S, d_v), strided
+    bwd_args = (q.detach(), k.detach(), v, i, f, C0, n0, m0, h32.transpose(1, 2), stats, dh, r(*C.shape), None, 16, 1e-6)
+    check(torch.ops.openxlstm.mlstm_chunkwise_bwd.default, bwd_args)
 
 
 def test_mlstm_step_op():
     B, NH, dqk, dv = 3, 2, 16, 32
     args = (r(B, NH, dqk), r(B, NH, dqk), r(B, NH, dv), r(B, NH), r(B, NH), r(B, NH, dqk, dv), r(B, NH, dqk).abs(),
             r(B, NH), 1e-6)
-    torch.library.opcheck(torch.ops.openxlstm.mlstm_step.default, args)
+    check(torch.ops.openxlstm.mlstm_step.default, args)
 
 
 @pytest.mark.parametrize("kind", ["fused", "triton"])
@@ -51,7 +59,7 @@ def test_slstm_ops(kind):
     x, R, b = r(B, S, 4 * E), r(NH, d, 4, d, scale=0.1), r(4 * E)
     h0, c0, n0, m0 = r(B, E), r(B, E), r(B, E).abs() + 0.5, r(B, E)
     fwd = getattr(torch.ops.openxlstm, f"slstm_{kind}_fwd").default
-    torch.library.opcheck(fwd, (x, R, b, h0, c0, n0, m0, False))
+    check(fwd, (x, R, b, h0, c0, n0, m0, False))
     saved = fwd(x, R, b, h0, c0, n0, m0, False)
     grads = (r(B, S, E), r(B, E), r(B, E), r(B, E))
     if kind == "fused":
@@ -60,4 +68,4 @@ def test_slstm_ops(kind):
     else:
         y, HS, CS, NS, MS, PRE = saved
         bwd_args = (R, HS, CS, NS, MS, PRE, *grads, False, False)
-    torch.library.opcheck(getattr(torch.ops.openxlstm, f"slstm_{kind}_bwd").default, bwd_args)
+    check(getattr(torch.ops.openxlstm, f"slstm_{kind}_bwd").default, bwd_args)

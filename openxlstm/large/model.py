@@ -414,8 +414,11 @@ class xLSTMLargeLM(nn.Module):
         return soft_cap(logits.to(torch.promote_types(logits.dtype, torch.float32)), self.config.output_logit_soft_cap)
 
     def forward(self, input_ids: torch.Tensor, state: Optional[Sequence[mLSTMState]] = None,
-                return_state: bool = False, labels: Optional[torch.Tensor] = None, return_logits: bool = False):
-        """input_ids: (B, S) -> logits (B, S, V), or (logits, state) with ``return_state=True``.
+                return_state: bool = False, labels: Optional[torch.Tensor] = None, return_logits: bool = False,
+                logits_to_keep: int = 0):
+        """input_ids: (B, S) -> logits (B, S, V), or (logits, state) with ``return_state=True``;
+        ``logits_to_keep=1`` (generation's prefill) keeps the last position only and, without gradients,
+        runs long prompts in pieces of ``max_inference_chunksize`` tokens.
 
         With ``labels`` (B, S) (the next token of each position, -100 where nothing is scored) the result is
         an ``LMOutput`` whose mean loss comes from the soft-capped logits, computed in chunks of rows (see
@@ -423,23 +426,16 @@ class xLSTMLargeLM(nn.Module):
         ``return_state=True``.
         """
         self._check(input_ids, state)
-        hidden, new_state = self.hidden_states(input_ids, state)
+        last_only = labels is None and logits_to_keep == 1
+        hidden, new_state = self.hidden_states(input_ids, state, last_only=last_only)
         if labels is None:
-            logits = self.logits(hidden)
+            logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
             return (logits, new_state) if return_state else logits
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         loss = soft_capped_cross_entropy(hidden, self.lm_head.weight, labels, self.config.output_logit_soft_cap)
         return LMOutput(loss=loss, logits=self.logits(hidden) if return_logits else None,
                         state=new_state if return_state else None, num_tokens=(labels != IGNORE_INDEX).sum())
-
-    @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, state: Optional[Sequence[mLSTMState]] = None):
-        """(logits of the last position (B, V), state) after ``input_ids``: for prompts of any length, in
-        pieces of ``max_inference_chunksize`` tokens and without the (B, S, V) logits of ``forward``."""
-        self._check(input_ids, state)
-        hidden, state = self.hidden_states(input_ids, state, last_only=True)
-        return self.logits(hidden[:, -1]), state
 
     def generate(self, prompt, tokenizer=None, **kwargs):
         """Continue ``prompt`` (see ``openxlstm.generation.generate``); the tokenizer defaults to the model's."""

@@ -41,13 +41,14 @@ def check_input_ids(name: str, input_ids, vocab_size: int) -> None:
 
 
 def lm_outputs(hidden: torch.Tensor, lm_head: nn.Linear, labels: Optional[torch.Tensor], state,
-               return_state: bool, return_logits: bool):
+               return_state: bool, return_logits: bool, logits_to_keep: int = 0):
     """The model's return value from the final hidden states (B, S, E).
 
-    Without labels: logits (B, S, V), or (logits, state). With labels (B, S): an ``LMOutput``.
+    Without labels: logits (B, S, V) (only the last ``logits_to_keep`` positions when > 0: generation needs
+    the last one), or (logits, state). With labels (B, S): an ``LMOutput``.
     """
     if labels is None:
-        logits = lm_head(hidden)
+        logits = lm_head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
         return (logits, state) if return_state else logits
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels must have the shape of input_ids {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")

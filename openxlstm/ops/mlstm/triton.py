@@ -679,7 +679,9 @@ Tensor = torch.Tensor
 @torch.library.custom_op("openxlstm::mlstm_chunkwise_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: Optional[Tensor], n0: Optional[Tensor],
             m0: Optional[Tensor], chunk_size: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return mlstm_triton_forward(q, k, v, i, f, C0, n0, m0, chunk_size or None, eps)
+    """h and h32 come back token-major, (B, S, NH, d_v) contiguous (every output of a custom op is)."""
+    h, h32, C, n, m, stats = mlstm_triton_forward(q, k, v, i, f, C0, n0, m0, chunk_size or None, eps)
+    return h.transpose(1, 2), h32.transpose(1, 2), C, n, m, stats
 
 
 @_fwd_op.register_fake
@@ -689,7 +691,7 @@ def _(q, k, v, i, f, C0, n0, m0, chunk_size, eps):
     L = chunk_length(chunk_size or None, S)
     NCL = triton.cdiv(S, L) * L
     f32 = torch.float32
-    return (q.new_empty(B, S, NH, dv, dtype=v.dtype).transpose(1, 2), q.new_empty(B, S, NH, dv, dtype=f32).transpose(1, 2),
+    return (q.new_empty(B, S, NH, dv, dtype=v.dtype), q.new_empty(B, S, NH, dv, dtype=f32),
             q.new_empty(B, NH, dqk, dv, dtype=f32), q.new_empty(B, NH, dqk, dtype=f32), q.new_empty(B, NH, dtype=f32),
             q.new_empty(B * NH, 2, NCL, dtype=f32))
 
@@ -721,13 +723,12 @@ def _setup_context(ctx, inputs, output):
     ctx.meta = (chunk_size, eps, C0 is not None)
 
 
-def _backward(ctx, dh, _dh32, dC, dn, _dm, _dstats):
-    q, k, v, i, f, C0, n0, m0, h32, stats = ctx.saved_tensors
+def _backward(ctx, dh_t, _dh32, dC, dn, _dm, _dstats):
+    q, k, v, i, f, C0, n0, m0, h32_t, stats = ctx.saved_tensors
     chunk_size, eps, has_state = ctx.meta
-    if dh is None:
-        dh = torch.zeros(q.shape[:3] + (v.shape[-1],), device=q.device, dtype=v.dtype)
+    dh = torch.zeros_like(h32_t, dtype=v.dtype) if dh_t is None else dh_t
     dq, dk, dv, di, df, dC0, dn0 = torch.ops.openxlstm.mlstm_chunkwise_bwd(
-        q, k, v, i, f, C0, n0, m0, h32, stats, dh, dC, dn, chunk_size, eps)
+        q, k, v, i, f, C0, n0, m0, h32_t.transpose(1, 2), stats, dh.transpose(1, 2), dC, dn, chunk_size, eps)
     if not has_state:
         dC0 = dn0 = None
     return dq, dk, dv, di, df, dC0, dn0, None, None, None
@@ -764,8 +765,8 @@ def mlstm_triton(
     if state is not None:
         C0, n0, m0 = (t.to(device=q.device, dtype=torch.float32) for t in state)
         m0 = m0.detach()
-    h, _, C, n, m, _ = torch.ops.openxlstm.mlstm_chunkwise_fwd(q, k, v, i, f, C0, n0, m0, chunk_size or 0, eps)
-    return h, mLSTMState(C, n, m)
+    h_t, _, C, n, m, _ = torch.ops.openxlstm.mlstm_chunkwise_fwd(q, k, v, i, f, C0, n0, m0, chunk_size or 0, eps)
+    return h_t.transpose(1, 2), mLSTMState(C, n, m)
 
 
 __all__ = ["mlstm_triton", "mlstm_triton_forward", "mlstm_triton_backward", "chunk_length", "DEFAULT_CHUNK"]

@@ -94,14 +94,14 @@ def _backward_op(R: Tensor, hs: Tensor, cs: Tensor, ns: Tensor, acts: Tensor, d_
     g_all = dpre.reshape(S * B, 4, NH, d)
     dR = torch.einsum("khi,kgho->higo", h_prev, g_all).contiguous()
     db = dpre.sum(dim=(0, 1)).reshape(4 * E)
-    dx = dpre.view(S, B, 4 * E).transpose(0, 1)  # (B, S, 4E), laid out time-major
+    dx = dpre.view(S, B, 4 * E).transpose(0, 1).contiguous()  # (B, S, 4E)
     return dx, dR, db, dh_rec, dc, dn
 
 
 @_backward_op.register_fake
 def _(R, hs, cs, ns, acts, d_out, d_h, d_c, d_n):
     S, B, E = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-    return (hs.new_empty(S, B, 4 * E).transpose(0, 1), R.new_empty(R.shape), hs.new_empty(4 * E),
+    return (hs.new_empty(B, S, 4 * E), R.new_empty(R.shape), hs.new_empty(4 * E),
             hs.new_empty(B, E), hs.new_empty(B, E), hs.new_empty(B, E))
 
 
