@@ -62,3 +62,11 @@ def check_half(out: dict, ref: dict, tol: float = HALF_TOL) -> None:
         if not err <= tol:
             bad.append(f"{key}: {err:.2e} > {tol:.0e}")
     assert not bad, ", ".join(bad)
+
+
+def pytest_runtest_logreport(report):
+    """With OPENXLSTM_TEST_PROGRESS=1, print each failure's assertion lines the moment it is reported, so that
+    a run cut short by a time limit (benchmarks/gpu_session.sh) still shows why its tests failed."""
+    if report.failed and os.environ.get("OPENXLSTM_TEST_PROGRESS") == "1":
+        lines = [ln.strip() for ln in report.longreprtext.splitlines() if ln.startswith("E ")]
+        print(f"\nFAILED {report.nodeid} ({report.when}): " + " | ".join(lines)[:1500], flush=True)
