@@ -25,37 +25,46 @@ from triton.compiler import ASTSource
 from openxlstm.ops.mlstm import triton as mt, triton_step as ms
 from openxlstm.ops.slstm import triton as st
 
-INTS = {"S", "DQK", "DV", "NC", "BH", "B", "D", "E"}
+INTS = {"S", "DQK", "DV", "NC", "BH", "B", "D", "E", "NH"}
 FLOATS = {"scale", "eps"}
 
 
-def build(fn, consts, half, num_warps, num_stages=3):
-    inp = "*bf16" if half else "*fp32"
+def build(fn, consts, half, num_warps, num_stages=3, halves=None):
+    halves = halves if halves is not None else ({"Q", "K", "V", "I", "Fg", "DH", "X", "Y", "DY"} if half else set())
     sig = {}
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in INTS:
+        elif name in INTS or name.startswith("s") and len(name) == 3:
             sig[name] = "i32"
         elif name in FLOATS:
             sig[name] = "fp32"
-        elif name in ("Q", "K", "V", "I", "Fg", "DH", "X", "Y", "DY"):
-            sig[name] = inp
         else:
-            sig[name] = "*fp32"
+            sig[name] = "*bf16" if name in halves else "*fp32"
     opts = {"num_warps": num_warps, "num_stages": num_stages}
-    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=opts)
-    print("compiled", fn.__name__, "half" if half else "fp32", flush=True)
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=opts)
+    print("compiled", fn.__name__, "half" if half else "fp32", f"warps={num_warps} stages={num_stages}",
+          ptxas_report(k.asm["ptx"]), {c: v for c, v in consts.items() if c in ("L", "LB", "BK", "BV")}, flush=True)
+
+
+def ptxas_report(ptx):
+    """'regs=N spill=S' from Triton's own ptxas (-v) for sm_90a: register use and spill bytes per thread."""
+    import re, subprocess, tempfile
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas(90).path
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
+        fh.write(ptx)
+    out = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", fh.name, "-o", "/dev/null"],
+                         capture_output=True, text=True).stderr
+    regs = re.findall(r"Used (\d+) registers", out)
+    spill = re.findall(r"(\d+) bytes spill stores", out)
+    return f"regs={regs[-1] if regs else '?'} spill={spill[-1] if spill else '?'}"
 
 
 for half in (True, False):
-    cfg = {"HALF_DOT": half, "DOT_DT": tl.bfloat16 if half else tl.float32, "PREC": "tf32" if half else "ieee"}
-    L, BK, BV, w = 64, 64, 64, mt._warps(64)
-    build(mt._fwd_states, dict(HAS_STATE=True, L=L, BK=BK, BV=BV, **cfg), half, w)
-    build(mt._fwd_out, dict(M_FLOOR=-10.0, L=L, BK=mt._loop_tile(BK, L), BV=BV, **cfg), half, w)
-    build(mt._bwd_states, dict(HAS_DFINAL=True, L=L, BK=BK, BV=BV, PREC=cfg["PREC"]), half, w)
-    build(mt._bwd_dqdk, dict(L=L, BK=BK, BV=mt._loop_tile(BV, L), **cfg), half, w)
-    build(mt._bwd_dv, dict(L=L, BK=BK, BV=BV, **cfg), half, w)
+    cfg = {"PREC": "tf32" if half else "ieee"}
+    for fn, consts, halves, nw, ns in mt.compile_specs(half, every_config=os.environ.get("EVERY_CONFIG") == "1"):
+        build(fn, consts, half, nw, ns, halves)
     if half:
         build(ms._mlstm_step_kernel, dict(HAS_STATE=True, M_FLOOR=-10.0, BK=32, BV=32), half, 4)
         for d in (64, 256):
@@ -80,4 +89,7 @@ def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 15, proc.stdout
+    from openxlstm.ops.mlstm import triton as mt
+
+    expected = len(mt.compile_specs(True)) + len(mt.compile_specs(False)) + 5
+    assert proc.stdout.count("compiled") == expected, proc.stdout
