@@ -192,10 +192,13 @@ def _format_row(row: dict, until: int) -> str:
     if "train_loss" in row:
         parts.append(f"loss {row['train_loss']:.4f}")
     for key, value in row.items():
-        if key not in ("step", "tokens", "elapsed_s", "lr", "train_loss", "tokens_per_s") and isinstance(value, float):
+        if key not in ("step", "tokens", "elapsed_s", "lr", "train_loss", "tokens_per_s", "peak_mem_gib") and \
+                isinstance(value, float):
             parts.append(f"{key.replace('_', ' ')} {value:.4f}")
     if "tokens_per_s" in row:
         parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+    if "peak_mem_gib" in row:
+        parts.append(f"peak {row['peak_mem_gib']:.2f} GiB")
     parts.append(f"{row['elapsed_s']:.0f}s")
     return "  ".join(parts)
 
@@ -308,7 +311,7 @@ class Engine:
         """Train from ``self.step`` to step ``until``, one ``train_step(*batch_at(step))`` per step.
 
         Every ``log_every`` steps and at the last: a row {step, tokens, elapsed_s, lr, train_loss (mean since
-        the previous row), tokens_per_s} to ``metrics`` and as a line to ``log`` (a progress bar instead with
+        the previous row), tokens_per_s, peak_mem_gib on GPU} to ``metrics`` and as a line to ``log`` (a progress bar instead with
         ``progress``). ``evaluate()`` -> row fields runs every ``eval_every`` steps, at the last step and when
         the time is up; ``save()`` every ``save_every`` steps, at the last, when the time is up and on Ctrl-C.
         ``max_seconds`` ends the loop after the step that passes it.
@@ -348,6 +351,8 @@ class Engine:
                 if row:
                     row = {"step": self.step, "tokens": self.tokens, "elapsed_s": round(time.time() - start, 2),
                            "lr": self.schedule.lr_at(self.step - 1), **row}
+                    if self.device.type == "cuda":  # the most GPU memory held so far
+                        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
                     if metrics is not None and main:
                         metrics.log(**row)
                     if bar is None:

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Optional
 
-FIELDS = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss", "val_bpb", "tokens_per_s"]
+FIELDS = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss", "val_bpb", "tokens_per_s", "peak_mem_gib"]
 
 
 class MetricsLog:
