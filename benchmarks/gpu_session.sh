@@ -28,6 +28,7 @@ else
     echo "WARNING: no .whl/ folder: xlstm, mlstm-kernels, flashrnn, fla rows will fail (carry .whl to this machine)"
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="/tmp/site/bin:$PATH"  # ninja, for the CUDA backends behind --flashrnn-cuda / --xlstm-cuda
 
 stage "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv || true
