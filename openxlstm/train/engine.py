@@ -210,12 +210,13 @@ class Engine:
     Args:
         model: a bare model (on any device: the engine moves it); under FSDP it is sharded in place.
         schedule: the learning rate of each step.
-        config: see EngineConfig.
+        config: see EngineConfig (default: its defaults).
         dist: this process's rank and the number of processes (torchrun); default one process.
     """
 
-    def __init__(self, model: nn.Module, schedule: CosineSchedule, config: EngineConfig = EngineConfig(),
+    def __init__(self, model: nn.Module, schedule: CosineSchedule, config: Optional[EngineConfig] = None,
                  dist: Optional[DistInfo] = None):
+        config = config or EngineConfig()
         if config.grad_accum < 1:
             raise UserError(f"--grad-accum must be a positive integer, got {config.grad_accum}")
         self.config, self.schedule = config, schedule
