@@ -18,6 +18,7 @@ whole CSV into ``results.md`` and ``heatmap.png`` (models x tasks, mean over see
 from __future__ import annotations
 
 import csv
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -183,19 +184,36 @@ def run_cell(spec: CellSpec, max_seconds: Optional[float] = None, log: Callable[
 # ---------------------------------------------------------------------------------------------------------
 # CSV
 # ---------------------------------------------------------------------------------------------------------
+def _is_result(row: dict) -> bool:
+    """A whole row with a finite score: not a line cut short by a crash (missing or extra fields), not a cell
+    whose training diverged (score nan). Other rows are not results: a rerun runs their cells again."""
+    if None in row or any(v is None for v in row.values()) or not row.get("finished_at"):
+        return False
+    try:
+        return math.isfinite(float(row.get("score", "")))
+    except ValueError:
+        return False
+
+
 def read_results(path: Union[str, Path]) -> list[dict]:
-    """The rows of a results CSV (strings), or [] if it does not exist."""
+    """The result rows of a results CSV (strings; see ``_is_result``), or [] if it does not exist."""
     path = Path(path)
     if not path.exists():
         return []
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        return [r for r in csv.DictReader(f) if _is_result(r)]
 
 
 def append_result(path: Union[str, Path], row: dict) -> None:
-    """Append one row (writing the header first for a new file)."""
+    """Append one row (writing the header first for a new file; after a line cut short, on a new line)."""
     path = Path(path)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open("rb") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                with path.open("a", newline="") as g:
+                    g.write("\r\n")
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         if new:
