@@ -7,6 +7,13 @@ target parameter count, so a baseline can be built "of equal size" to an xLSTM.
 
 State: the LSTM carries ``LSTMState(h, c)``, each (num_layers, B, H); the Transformer carries a KV cache,
 a tuple with one ``KVCache(k, v)`` per layer, each (B, NH, T, head_dim) for T tokens seen so far.
+
+Packed documents (``cu_seqlens``, as ``xLSTMLM.forward``; see ``openxlstm.ops.packing``): the Transformer
+attends block-diagonally (a document sees only itself, the first document of a row also the passed cache)
+with RoPE positions restarting at each document, all on the device; its returned cache is the last
+document's, which needs one host read of ``cu_seqlens`` and B = 1. The LSTM runs nn.LSTM once over all the
+documents as a batch of variable-length sequences (``pack_padded_sequence``): exact, one cuDNN call, but its
+layout comes from one host read of ``cu_seqlens`` per forward (the baseline only; the xLSTM never reads it).
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_field_types
 from .layers.common import run_block
 from .layers.head import check_input_ids, lm_outputs
+from .ops.packing import check_cu_seqlens, doc_starts, last_start
 
 
 def _check_positive_ints(obj, names: Sequence[str]) -> None:
@@ -91,6 +100,7 @@ class LSTMConfig(_ConfigIO):
     def __post_init__(self):
         if self.hidden_dim is None:
             self.hidden_dim = self.embedding_dim
+        check_field_types(self)
         _check_positive_ints(self, ("vocab_size", "embedding_dim", "hidden_dim", "num_layers", "context_length"))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LSTMConfig: dropout must be in [0, 1), got {self.dropout!r}")
@@ -145,9 +155,10 @@ class LSTMLM(_CheckpointingMixin, nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, input_ids: torch.Tensor, state: Optional[LSTMState] = None, return_state: bool = False,
-                labels: Optional[torch.Tensor] = None, return_logits: bool = False, logits_to_keep: int = 0):
+                labels: Optional[torch.Tensor] = None, return_logits: bool = False, logits_to_keep: int = 0,
+                cu_seqlens: Optional[torch.Tensor] = None):
         """input_ids: (B, S) -> logits (B, S, V), or (logits, LSTMState) with ``return_state=True``; with
-        ``labels`` an ``LMOutput`` (as ``xLSTMLM.forward``)."""
+        ``labels`` an ``LMOutput``; ``cu_seqlens``: packed documents (as ``xLSTMLM.forward``)."""
         check_input_ids("LSTMLM", input_ids, self.config.vocab_size)
         if state is not None:
             if not isinstance(state, tuple) or len(state) != 2:
@@ -156,9 +167,48 @@ class LSTMLM(_CheckpointingMixin, nn.Module):
                 raise ValueError(f"LSTMLM: state has batch size {state[0].shape[1]}, input_ids has {input_ids.shape[0]}")
             state = (state[0], state[1])
         x = self.dropout(self.embedding(input_ids))  # (B, S, E)
-        y, (h, c) = run_block(self.lstm, self.activation_checkpointing, x, state)  # (B, S, H); h, c: (L, B, H)
+        if cu_seqlens is None:
+            y, (h, c) = run_block(self.lstm, self.activation_checkpointing, x, state)  # (B, S, H); h, c: (L, B, H)
+        else:
+            check_cu_seqlens("LSTMLM", cu_seqlens, *input_ids.shape, input_ids.device)
+            y, (h, c) = self._packed(x, state, cu_seqlens)
         return lm_outputs(self.dropout(y), self.lm_head, labels, LSTMState(h, c), return_state, return_logits,
                           logits_to_keep)
+
+    def _packed(self, x: torch.Tensor, state, cu_seqlens: torch.Tensor):
+        """nn.LSTM over the documents of packed rows x (B, S, E), run as one batch of D variable-length
+        sequences: the first document of row r starts from ``state[:, r]`` (zeros when None), the others
+        from zeros. Returns y (B, S, H) and each row's last document's (h, c), each (L, B, H)."""
+        B, S, E = x.shape
+        L, H = self.config.num_layers, self.config.hidden_dim
+        bounds = cu_seqlens.tolist()  # the one host read: the layout of the batch of documents
+        if bounds[0] != 0 or bounds[-1] != B * S or any(a > b for a, b in zip(bounds, bounds[1:])) or \
+                any(r * S not in bounds for r in range(B)):
+            raise ValueError(f"LSTMLM: cu_seqlens must run from 0 to B*S = {B * S} without decreasing, with every "
+                             f"row start (a multiple of S = {S}) among its boundaries")
+        docs = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]  # (start, end) over the B*S tokens
+        lengths = torch.tensor([b - a for a, b in docs])
+        width = int(lengths.max())
+        offs = torch.arange(width)
+        starts = torch.tensor([a for a, _ in docs])
+        gather = (starts[:, None] + torch.minimum(offs, lengths[:, None] - 1)).to(x.device)  # (D, width)
+        xd = x.reshape(B * S, E)[gather]  # (D, width, E), padded with each document's last token
+        h0 = x.new_zeros(L, len(docs), H)
+        c0 = x.new_zeros(L, len(docs), H)
+        if state is not None:
+            first = [d for d, (a, _) in enumerate(docs) if a % S == 0]  # each row's first document
+            rows = torch.tensor([docs[d][0] // S for d in first], device=x.device)
+            sel = torch.tensor(first, device=x.device)
+            h0 = h0.index_copy(1, sel, state[0][:, rows].to(h0.dtype))
+            c0 = c0.index_copy(1, sel, state[1][:, rows].to(c0.dtype))
+        packed = nn.utils.rnn.pack_padded_sequence(xd, lengths, batch_first=True, enforce_sorted=False)
+        out, (h, c) = run_block(self.lstm, self.activation_checkpointing, packed, (h0, c0))
+        yd, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=width)  # (D, width, H)
+        doc_of = torch.repeat_interleave(torch.arange(len(docs)), lengths).to(x.device)  # (B*S,)
+        pos_of = torch.cat([torch.arange(int(n)) for n in lengths]).to(x.device)
+        y = yd[doc_of, pos_of].view(B, S, H)
+        last = torch.tensor([d for d, (_, b) in enumerate(docs) if b % S == 0], device=x.device)  # each row's last
+        return y, (h[:, last], c[:, last])
 
     def optim_groups(self, weight_decay: float) -> list[dict]:
         """Parameter groups for ``torch.optim.AdamW`` (decay on matrices, not on embedding or biases)."""
@@ -193,6 +243,7 @@ class TransformerConfig(_ConfigIO):
     def __post_init__(self):
         if self.ffn_dim is None:
             self.ffn_dim = int(math.ceil(8 * self.embedding_dim / 3 / 64) * 64)
+        check_field_types(self)
         _check_positive_ints(self, ("vocab_size", "embedding_dim", "num_layers", "num_heads", "ffn_dim", "context_length"))
         if self.embedding_dim % self.num_heads or (self.embedding_dim // self.num_heads) % 2:
             raise ValueError(f"TransformerConfig: embedding_dim={self.embedding_dim} must split into num_heads="
@@ -252,17 +303,32 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(E, 3 * E, bias=False)
         self.proj = nn.Linear(E, E, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache]):
-        """x: (B, S, E), cache of T earlier tokens -> (y (B, S, E), KVCache of T + S tokens)."""
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache], starts: Optional[torch.Tensor] = None):
+        """x: (B, S, E), cache of T earlier tokens -> (y (B, S, E), KVCache of T + S tokens).
+
+        starts: (B, S) bool document starts (``ops.packing.doc_starts``) or None: attention is then
+        block-diagonal over documents (the cache is visible to each row's first document only) and RoPE
+        positions restart at every start."""
         B, S, E = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, NH, S, D) each
         T = 0 if cache is None else cache.k.shape[2]
-        cos, sin = rope_cos_sin(torch.arange(T, T + S, device=x.device), self.head_dim, self.rope_base)
+        pos = torch.arange(T, T + S, device=x.device)
+        if starts is not None:
+            begin = last_start(starts)  # (B, S) the token's document start, -1 in a row's first document
+            pos = torch.where(begin >= 0, pos - T - begin, pos)  # (B, S)
+        cos, sin = rope_cos_sin(pos.reshape(-1), self.head_dim, self.rope_base)
+        cos, sin = (t.view(*pos.shape, -1)[..., None, :, :] if starts is not None else t for t in (cos, sin))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)  # (B, NH, T + S, D)
         drop = self.dropout if self.training else 0.0
-        if T == 0:
+        if starts is not None:  # block-diagonal causal: same document (the cache counts as the first's)
+            doc = starts.cumsum(-1)  # (B, S), 0 for a row's first document
+            keys = torch.cat([doc.new_zeros(B, T), doc], dim=1)  # (B, T + S)
+            mask = (doc[:, :, None] == keys[:, None, :]) & torch.ones(S, T + S, dtype=torch.bool,
+                                                                       device=x.device).tril(diagonal=T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=drop)
+        elif T == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         else:  # query i (absolute position T + i) sees keys 0 .. T + i
             mask = torch.ones(S, T + S, dtype=torch.bool, device=x.device).tril(diagonal=T)
@@ -291,8 +357,8 @@ class TransformerBlock(nn.Module):
         self.ffn = SwiGLU(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache]):
-        y, cache = self.attn(self.attn_norm(x), cache)
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache], starts: Optional[torch.Tensor] = None):
+        y, cache = self.attn(self.attn_norm(x), cache, starts)
         x = x + self.dropout(y)
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         return x, cache
@@ -331,11 +397,14 @@ class TransformerLM(_CheckpointingMixin, nn.Module):
         nn.init.ones_(self.norm.weight)
 
     def forward(self, input_ids: torch.Tensor, state: Optional[Sequence[KVCache]] = None, return_state: bool = False,
-                labels: Optional[torch.Tensor] = None, return_logits: bool = False, logits_to_keep: int = 0):
+                labels: Optional[torch.Tensor] = None, return_logits: bool = False, logits_to_keep: int = 0,
+                cu_seqlens: Optional[torch.Tensor] = None):
         """input_ids: (B, S) -> logits (B, S, V), or (logits, tuple of KVCache) with ``return_state=True``;
         with ``labels`` an ``LMOutput`` (as ``xLSTMLM.forward``).
 
         ``state`` (the caches of an earlier call) continues the sequence; it is never modified.
+        ``cu_seqlens``: packed documents (as ``xLSTMLM.forward``); the returned caches are then the last
+        document's (B = 1 only: one host read of its start).
         """
         check_input_ids("TransformerLM", input_ids, self.config.vocab_size)
         if state is not None:
@@ -343,11 +412,21 @@ class TransformerLM(_CheckpointingMixin, nn.Module):
                 raise ValueError(f"TransformerLM: state must hold one KVCache per layer ({len(self.blocks)}), got {len(state)}")
             if state[0].k.shape[0] != input_ids.shape[0]:
                 raise ValueError(f"TransformerLM: state has batch size {state[0].k.shape[0]}, input_ids has {input_ids.shape[0]}")
+        B, S = input_ids.shape
+        starts = doc_starts(cu_seqlens, B, S, "TransformerLM", input_ids.device)
+        if starts is not None and return_state and B > 1:
+            raise ValueError("TransformerLM: return_state with cu_seqlens needs B = 1 (each row's last document "
+                             "would leave a cache of its own length)")
         x = self.emb_dropout(self.embedding(input_ids))  # (B, S, E)
         caches = []
         for j, block in enumerate(self.blocks):
-            x, cache = run_block(block, self.activation_checkpointing, x, None if state is None else state[j])
+            x, cache = run_block(block, self.activation_checkpointing, x, None if state is None else state[j], starts)
             caches.append(cache)
+        if starts is not None and return_state:  # keep the keys and values of the document of the last token
+            cut = int(cu_seqlens[cu_seqlens < S].max())
+            if cut > 0:
+                caches = [KVCache(c.k[:, :, c.k.shape[2] - (S - cut):], c.v[:, :, c.v.shape[2] - (S - cut):])
+                          for c in caches]
         return lm_outputs(self.norm(x), self.lm_head, labels, tuple(caches), return_state, return_logits,
                           logits_to_keep)
 

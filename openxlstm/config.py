@@ -9,11 +9,55 @@ from __future__ import annotations
 import json
 import math
 import re
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Union
 
 _RATIO_RE = re.compile(r"^\s*(?:xLSTM\s*\[)?\s*(\d+)\s*:\s*(\d+)\s*\]?\s*$", re.IGNORECASE)
+
+
+def _describe(hint) -> str:
+    """A type annotation in words, for error messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+             list: "a list", dict: "an object", tuple: "a list", type(None): "null"}
+    return names.get(origin or hint, str(hint))
+
+
+def _matches(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    base = origin or hint
+    if base is bool:
+        return isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if base in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if isinstance(base, type):
+        return isinstance(value, base)
+    return True
+
+
+def check_field_types(config) -> None:
+    """Every field of a config dataclass holds a value of its annotated type, strictly: a boolean field takes
+    only true / false (``tie_weights="no"`` would otherwise count as true), an integer field no floats or
+    booleans, a float field only finite numbers. Raises ValueError naming the field and what it accepts."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in hints and not _matches(value, hints[f.name]):
+            raise ValueError(f"{type(config).__name__}: {f.name} must be {_describe(hints[f.name])}, got {value!r}")
 
 
 def round_up(x: float, multiple: int) -> int:
@@ -46,6 +90,9 @@ def slstm_positions(num_blocks: int, ratio: str) -> list[int]:
         return [3, 5, 7, 40, 42, 44]
     count = max(1, round(num_blocks * b / (a + b)))
     return sorted({min(num_blocks - 1, int((j + 0.5) * num_blocks / count)) for j in range(count)})
+
+
+FFN_ACTIVATIONS = ("gelu", "silu", "relu", "relu2", "sigmoid", "selu")  # relu2: relu(x)^2
 
 
 @dataclass
@@ -90,6 +137,7 @@ class xLSTMConfig:
             value = getattr(self, name)
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                   f"{name} must be a positive integer, got {value!r}")
+        check_field_types(self)
         for name in ("mlstm_conv_kernel", "slstm_conv_kernel"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0 (0: no conv), got {value!r}")
@@ -101,8 +149,8 @@ class xLSTMConfig:
               f"slstm_forget_gate must be 'sigmoid' or 'exp', got {self.slstm_forget_gate!r}")
         check(self.slstm_bias_init in ("powerlaw_blockdependent", "small_init", "zeros"),
               f"slstm_bias_init must be 'powerlaw_blockdependent', 'small_init' or 'zeros', got {self.slstm_bias_init!r}")
-        check(self.ffn_activation in ("gelu", "silu", "relu"),
-              f"ffn_activation must be 'gelu', 'silu' or 'relu', got {self.ffn_activation!r}")
+        check(self.ffn_activation in FFN_ACTIVATIONS,
+              f"ffn_activation must be one of {', '.join(FFN_ACTIVATIONS)}, got {self.ffn_activation!r}")
 
         if isinstance(self.slstm_at, str):
             self.slstm_at = (list(range(self.num_blocks)) if self.slstm_at.strip().lower() == "all"
@@ -197,4 +245,4 @@ def preset(size: str, ratio: str = "7:1", **overrides) -> xLSTMConfig:
     return xLSTMConfig(**kwargs)
 
 
-__all__ = ["xLSTMConfig", "preset", "parse_ratio", "slstm_positions", "PRESET_SHAPES", "PRESET_RATIOS", "round_up"]
+__all__ = ["xLSTMConfig", "check_field_types", "FFN_ACTIVATIONS", "preset", "parse_ratio", "slstm_positions", "PRESET_SHAPES", "PRESET_RATIOS", "round_up"]

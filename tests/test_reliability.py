@@ -4,7 +4,12 @@ always work, results files that never count a broken row. Fast: tiny models, a f
 import csv
 from dataclasses import asdict
 
+import pytest
+
+from openxlstm import xLSTMConfig
+from openxlstm.baselines import LSTMConfig, TransformerConfig
 from openxlstm.experiments.runner import CSV_FIELDS, CellSpec, append_result, read_results
+from openxlstm.large.model import xLSTMLargeConfig
 
 
 def grid_row(seed, score="0.5"):
@@ -28,3 +33,28 @@ def test_grid_results_count_only_whole_finite_rows(tmp_path):
     with path.open(newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == CSV_FIELDS and rows[-1][2] == "3" and len(rows[-1]) == len(CSV_FIELDS)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: xLSTMConfig(vocab_size=64, embedding_dim=32, num_blocks=2, slstm_at=[1], mlstm_num_heads=2,
+                             slstm_num_heads=2, **kw),
+    lambda **kw: LSTMConfig(**kw),
+    lambda **kw: TransformerConfig(**kw),
+    lambda **kw: xLSTMLargeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=2,
+                                  **{"tie_word_embeddings" if "tie_weights" in kw else k: v for k, v in kw.items()}),
+], ids=["xlstm", "lstm", "transformer", "xlstm-large"])
+def test_config_booleans_are_strict(make):
+    """tie_weights="no" is an error naming the field, not a truthy string that ties the weights."""
+    for value in ("no", 0, "false"):
+        with pytest.raises(ValueError, match=r"tie(_word_embeddings|_weights) must be true or false"):
+            make(tie_weights=value)
+    assert make(tie_weights=True) is not None
+
+
+def test_config_numbers_are_strict():
+    with pytest.raises(ValueError, match="dropout must be a finite number"):
+        LSTMConfig(dropout=float("nan"))
+    with pytest.raises(ValueError, match="embedding_dim must be an integer"):
+        TransformerConfig(embedding_dim=64.0)
+    with pytest.raises(ValueError, match="norm_eps must be a finite number"):
+        xLSTMConfig(norm_eps=float("inf"))

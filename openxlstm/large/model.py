@@ -23,11 +23,13 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ..config import check_field_types
 from ..layers.backends import Backends
 from ..layers.common import run_block, small_init_, wang_init_
 from ..layers.head import LMOutput, check_input_ids
 from ..ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from ..ops.mlstm import mLSTMState, mlstm, mlstm_decode
+from ..ops.packing import check_cu_seqlens
 
 
 def round_up_to_multiple(x: float, multiple: int) -> int:
@@ -75,6 +77,7 @@ class xLSTMLargeConfig:
     eos_token_id: Optional[Union[int, list]] = 2
 
     def __post_init__(self):
+        check_field_types(self)  # strict: use_bias="no" is an error, not true
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "ffn_round_up_to_multiple_of",
                      "max_inference_chunksize"):
             value = getattr(self, name)
@@ -205,8 +208,9 @@ class mLSTMLargeLayer(nn.Module):
                 lin.bias.copy_(b)
         self.multihead_norm.reset_parameters()
 
-    def forward(self, x: torch.Tensor, state: Optional[mLSTMState] = None, backends: Backends = Backends()):
-        """x: (B, S, E) (normalized) -> (y (B, S, E), new mLSTMState (float32))."""
+    def forward(self, x: torch.Tensor, state: Optional[mLSTMState] = None, backends: Backends = Backends(),
+                cu_seqlens: Optional[torch.Tensor] = None):
+        """x: (B, S, E) (normalized) -> (y (B, S, E), new mLSTMState (float32)); cu_seqlens: packed documents."""
         B, S, _ = x.shape
         NH, QK, V = self.num_heads, self.qk_dim, self.v_dim
         cap = self.config.gate_soft_cap
@@ -227,7 +231,7 @@ class mLSTMLargeLayer(nn.Module):
 
             h, cell = mlstm(heads(q), heads(k), heads(v), i.transpose(1, 2), f.transpose(1, 2), state,
                             backend=backends.mlstm, chunk_size=backends.chunk_size, eps=self.config.eps,
-                            return_state=True)
+                            return_state=True, cu_seqlens=cu_seqlens)
             h = h.transpose(1, 2)  # (B, S, NH, V / NH)
         y = self.out_proj(torch.sigmoid(o) * self.multihead_norm(h))  # (B, S, E)
         return y, cell
@@ -281,9 +285,10 @@ class xLSTMLargeBlock(nn.Module):
         for module in (self.norm_mlstm, self.mlstm_layer, self.norm_ffn, self.ffn):
             module.reset_parameters()
 
-    def forward(self, x: torch.Tensor, state: Optional[mLSTMState], backends: Backends):
+    def forward(self, x: torch.Tensor, state: Optional[mLSTMState], backends: Backends,
+                cu_seqlens: Optional[torch.Tensor] = None):
         """x: (B, S, E) -> (x, new state)."""
-        y, state = self.mlstm_layer(self.norm_mlstm(x), state, backends)
+        y, state = self.mlstm_layer(self.norm_mlstm(x), state, backends, cu_seqlens)
         x = x + y
         return x + self.ffn(self.norm_ffn(x)), state
 
@@ -390,20 +395,22 @@ class xLSTMLargeLM(nn.Module):
                 raise ValueError(f"xLSTMLargeLM: state[{j}] must be (C, n, m) with batch size {input_ids.shape[0]}")
 
     def hidden_states(self, input_ids: torch.Tensor, state: Optional[Sequence[mLSTMState]] = None,
-                      last_only: bool = False) -> tuple[torch.Tensor, tuple[mLSTMState, ...]]:
+                      last_only: bool = False, cu_seqlens: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, tuple[mLSTMState, ...]]:
         """(final-norm hidden states (B, S, E), or (B, 1, E) of the last position with ``last_only``; new state).
 
         Without gradients the sequence goes through all blocks in pieces of ``max_inference_chunksize``
-        tokens, carrying the state, so activation memory is bounded whatever the length.
+        tokens, carrying the state, so activation memory is bounded whatever the length (packed documents,
+        ``cu_seqlens``, go in one piece).
         """
         S = input_ids.shape[1]
-        piece = S if torch.is_grad_enabled() else self.config.max_inference_chunksize
+        piece = S if torch.is_grad_enabled() or cu_seqlens is not None else self.config.max_inference_chunksize
         states = [None] * len(self.backbone.blocks) if state is None else list(state)
         outs = []
         for s in range(0, S, piece):
             x = self.backbone.embeddings(input_ids[:, s:s + piece])  # (B, piece, E)
             for j, block in enumerate(self.backbone.blocks):
-                x, states[j] = run_block(block, self.activation_checkpointing, x, states[j], self.backends)
+                x, states[j] = run_block(block, self.activation_checkpointing, x, states[j], self.backends, cu_seqlens)
             outs.append(x[:, -1:] if last_only else x)
         x = outs[-1] if last_only or len(outs) == 1 else torch.cat(outs, dim=1)
         return self.backbone.out_norm(x), tuple(states)
@@ -415,7 +422,7 @@ class xLSTMLargeLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, state: Optional[Sequence[mLSTMState]] = None,
                 return_state: bool = False, labels: Optional[torch.Tensor] = None, return_logits: bool = False,
-                logits_to_keep: int = 0):
+                logits_to_keep: int = 0, cu_seqlens: Optional[torch.Tensor] = None):
         """input_ids: (B, S) -> logits (B, S, V), or (logits, state) with ``return_state=True``;
         ``logits_to_keep=1`` (generation's prefill) keeps the last position only and, without gradients,
         runs long prompts in pieces of ``max_inference_chunksize`` tokens.
@@ -423,11 +430,13 @@ class xLSTMLargeLM(nn.Module):
         With ``labels`` (B, S) (the next token of each position, -100 where nothing is scored) the result is
         an ``LMOutput`` whose mean loss comes from the soft-capped logits, computed in chunks of rows (see
         ``soft_capped_cross_entropy``); ``logits`` only with ``return_logits=True``, ``state`` only with
-        ``return_state=True``.
+        ``return_state=True``. ``cu_seqlens``: packed documents, as ``xLSTMLM.forward``.
         """
         self._check(input_ids, state)
+        if cu_seqlens is not None:
+            check_cu_seqlens("xLSTMLargeLM", cu_seqlens, *input_ids.shape, input_ids.device)
         last_only = labels is None and logits_to_keep == 1
-        hidden, new_state = self.hidden_states(input_ids, state, last_only=last_only)
+        hidden, new_state = self.hidden_states(input_ids, state, last_only=last_only, cu_seqlens=cu_seqlens)
         if labels is None:
             logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
             return (logits, new_state) if return_state else logits

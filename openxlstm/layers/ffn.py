@@ -9,7 +9,13 @@ from torch import nn
 from ..config import xLSTMConfig
 from .common import small_init_, wang_init_
 
-_ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+
+def _relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+# every activation of the reference's FeedForwardConfig.act_fn ("swish" is silu, "relu^2" relu2)
+_ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "relu2": _relu2, "sigmoid": torch.sigmoid, "selu": F.selu}
 
 
 class GatedFFN(nn.Module):
