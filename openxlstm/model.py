@@ -2,6 +2,10 @@
 
 Every block is recurrent, so the model carries a fixed-size state: ``model(ids[:, :t], return_state=True)``
 followed by single-token calls that carry the state gives the logits of one pass over ``ids``.
+
+Packed documents: ``model(ids, cu_seqlens=cu)`` runs each document of the packed rows as if alone (every
+recurrent state and conv window starts from zeros at its start; see ``openxlstm.ops.packing`` and
+docs/packing.md).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from .config import xLSTMConfig
 from .layers import Backends, GatedFFN, LayerNorm, mLSTMLayer, mLSTMLayerState, sLSTMLayer, sLSTMLayerState
 from .layers.common import run_block, small_init_
 from .layers.head import check_input_ids, lm_outputs
+from .ops.packing import check_cu_seqlens
 
 BlockState = Union[mLSTMLayerState, sLSTMLayerState]
 
@@ -34,9 +39,10 @@ class xLSTMBlock(nn.Module):
             self.ffn_norm = LayerNorm(config.embedding_dim, eps=config.norm_eps)
             self.ffn = GatedFFN(config)
 
-    def forward(self, x: torch.Tensor, state: Optional[BlockState], backends: Backends):
-        """x: (B, S, E) -> (x, new state)."""
-        y, state = self.layer(self.norm(x), state, backends)
+    def forward(self, x: torch.Tensor, state: Optional[BlockState], backends: Backends,
+                cu_seqlens: Optional[torch.Tensor] = None):
+        """x: (B, S, E) -> (x, new state); cu_seqlens: packed documents or None."""
+        y, state = self.layer(self.norm(x), state, backends, cu_seqlens)
         x = x + y
         if self.ffn is not None:
             x = x + self.ffn(self.ffn_norm(x))
@@ -93,8 +99,10 @@ class xLSTMLM(nn.Module):
         self.activation_checkpointing = bool(enabled)
         return self
 
-    def _check(self, input_ids: torch.Tensor, state) -> None:
+    def _check(self, input_ids: torch.Tensor, state, cu_seqlens=None) -> None:
         check_input_ids("xLSTMLM", input_ids, self.config.vocab_size)
+        if cu_seqlens is not None:
+            check_cu_seqlens("xLSTMLM", cu_seqlens, *input_ids.shape, input_ids.device)
         if state is not None:
             if len(state) != len(self.blocks):
                 raise ValueError(f"xLSTMLM: state must hold one entry per block ({len(self.blocks)}), got {len(state)}")
@@ -108,7 +116,7 @@ class xLSTMLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, state: Optional[Sequence[BlockState]] = None,
                 return_state: bool = False, labels: Optional[torch.Tensor] = None, return_logits: bool = False,
-                logits_to_keep: int = 0):
+                logits_to_keep: int = 0, cu_seqlens: Optional[torch.Tensor] = None):
         """input_ids: (B, S) token ids -> logits (B, S, V), or (logits, state) with ``return_state=True``;
         ``logits_to_keep > 0`` keeps only the logits of the last that many positions.
 
@@ -116,12 +124,19 @@ class xLSTMLM(nn.Module):
         an ``LMOutput`` with the mean loss, computed without (B*S, V) float32 logits; its ``logits`` are
         filled only with ``return_logits=True`` and its ``state`` with ``return_state=True``.
         ``state`` (from an earlier call) continues the sequence exactly; it is never modified.
+
+        ``cu_seqlens`` (D+1,) int: packed documents over the B*S tokens read row by row (flash-linear-
+        attention's convention; with B > 1 every row start must be a boundary). Each document runs as if
+        alone from the initial state, except the first of each row, which continues ``state``; the returned
+        state is that of each row's last document. Labels are the caller's: put -100 where the next token
+        belongs to another document (``openxlstm.data.packing.packed_labels``).
         """
-        self._check(input_ids, state)
+        self._check(input_ids, state, cu_seqlens)
         x = self.emb_dropout(self.embedding(input_ids))  # (B, S, E)
         new_state = []
         for j, block in enumerate(self.blocks):
-            x, s = run_block(block, self.activation_checkpointing, x, None if state is None else state[j], self.backends)
+            x, s = run_block(block, self.activation_checkpointing, x, None if state is None else state[j], self.backends,
+                             cu_seqlens)
             new_state.append(s)
         return lm_outputs(self.post_norm(x), self.lm_head, labels, tuple(new_state), return_state, return_logits,
                           logits_to_keep)

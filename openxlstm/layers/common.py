@@ -130,9 +130,9 @@ class CausalConv(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor, state=None):
-        """x (B, S, F), state (B, K-1, F) or None -> (y (B, S, F), new state)."""
-        return causal_conv1d(x, self.weight, self.bias, state, return_state=True)
+    def forward(self, x: torch.Tensor, state=None, cu_seqlens=None):
+        """x (B, S, F), state (B, K-1, F) or None -> (y (B, S, F), new state); cu_seqlens: packed documents."""
+        return causal_conv1d(x, self.weight, self.bias, state, return_state=True, cu_seqlens=cu_seqlens)
 
 
 __all__ = ["run_block", "LayerNorm", "MultiHeadNorm", "BlockDiagonalLinear", "CausalConv", "small_init_", "wang_init_"]

@@ -11,6 +11,8 @@ from torch import nn
 
 from ..config import xLSTMConfig
 from ..ops.mlstm import mlstm, mlstm_backward, mlstm_decode, mlstm_forward_saving, resolve_backend
+from ..ops.mlstm.common import state_stabilizer
+from ..ops.packing import doc_starts
 from .backends import Backends
 from .common import BlockDiagonalLinear, CausalConv, MultiHeadNorm, small_init_, wang_init_
 
@@ -64,18 +66,20 @@ class mLSTMLayer(nn.Module):
         nn.init.ones_(self.skip)
         self.outnorm.reset_parameters()
 
-    def forward(self, x: torch.Tensor, state: Optional[mLSTMLayerState] = None, backends: Backends = Backends()):
-        """x: (B, S, E) (normalized) -> (y (B, S, E), new mLSTMLayerState)."""
+    def forward(self, x: torch.Tensor, state: Optional[mLSTMLayerState] = None, backends: Backends = Backends(),
+                cu_seqlens: Optional[torch.Tensor] = None):
+        """x: (B, S, E) (normalized) -> (y (B, S, E), new mLSTMLayerState); cu_seqlens: packed documents
+        (``openxlstm.ops.packing``) for the conv and the cell."""
         xz = self.proj_up(x)  # (B, S, 2I): [x_m | z]
         if xz.shape[1] == 1 and backends.mlstm in ("auto", "recurrent", "triton"):
             a, new_state = self._step(xz, state, backends)
         elif torch.is_grad_enabled() and not torch.compiler.is_compiling():
             st = (None,) * 4 if state is None else tuple(state)
-            a, *new = _mLSTMCore.apply(self, backends, state is not None, xz, *st, *self._core_params())
+            a, *new = _mLSTMCore.apply(self, backends, state is not None, cu_seqlens, xz, *st, *self._core_params())
             new_state = mLSTMLayerState(*new)
         else:
-            a, new_state = self._core(xz, state, partial(mlstm, backend=backends.mlstm,
-                                                         chunk_size=backends.chunk_size, return_state=True))
+            a, new_state = self._core(xz, state, partial(mlstm, backend=backends.mlstm, chunk_size=backends.chunk_size,
+                                                         return_state=True, cu_seqlens=cu_seqlens), cu_seqlens)
         return self.dropout(self.proj_down(a)), new_state
 
     # the layer between its two projections -------------------------------------------------------------
@@ -84,12 +88,12 @@ class mLSTMLayer(nn.Module):
         mods = [self.conv, self.q_proj, self.k_proj, self.v_proj, self.igate, self.fgate, self.outnorm]
         return [p for m in mods if m is not None for p in m.parameters()] + [self.skip]
 
-    def _qkv_gates(self, xz, conv_state):
+    def _qkv_gates(self, xz, conv_state, cu_seqlens=None):
         """xz (B, S, 2I) -> q, k (B, NH, S, DH), v (B, NH, S, DH), i, f (B, NH, S), x_c, z (B, S, I), conv state."""
         B, S, _ = xz.shape
         x_m, z = xz.chunk(2, dim=-1)
         if self.conv is not None:
-            x_c, conv_state = self.conv(x_m, conv_state)
+            x_c, conv_state = self.conv(x_m, conv_state, cu_seqlens)
             x_c = F.silu(x_c)
         else:
             x_c, conv_state = x_m, None
@@ -106,9 +110,9 @@ class mLSTMLayer(nn.Module):
         """h (B, NH, S, DH) -> the input of proj_down (B, S, I): (norm(h) + skip * x_c) * silu(z)."""
         return (self.outnorm(h.transpose(1, 2)) + self.skip * x_c) * F.silu(z)
 
-    def _core(self, xz, state, cell):
+    def _core(self, xz, state, cell, cu_seqlens=None):
         """The whole core with ``cell(q, k, v, i, f, cell_state) -> (h, mLSTMState)``."""
-        q, k, v, i, f, x_c, z, conv_state = self._qkv_gates(xz, None if state is None else state.conv)
+        q, k, v, i, f, x_c, z, conv_state = self._qkv_gates(xz, None if state is None else state.conv, cu_seqlens)
         h, cell_state = cell(q, k, v, i, f, None if state is None else (state.C, state.n, state.m))
         return self._out(h, x_c, z), mLSTMLayerState(conv_state, *cell_state)
 
@@ -126,67 +130,68 @@ class _mLSTMCore(torch.autograd.Function):
     its small per-token statistics (Triton) or nothing more (PyTorch backends): everything else (conv, q/k/v
     projections, gates, the output norm and gating) is recomputed in backward, where it costs little.
 
-    Inputs: layer, backends, has_state, xz, the state's conv, C, n, m (None without a state), then the core
-    parameters; outputs: a (B, S, I) and the new state's conv, C, n, m. Gradients reach xz, the parameters
-    and the carried C, n and conv window (not m). Under autocast the backward recomputes
-    under the same autocast settings, so the recomputed values equal the forward's.
+    Inputs: layer, backends, has_state, cu_seqlens, xz, the state's conv, C, n, m (None without a state), then
+    the core parameters; outputs: a (B, S, I) and the new state's conv, C, n, m. Gradients reach xz, the
+    parameters and the carried state, with the stabilizer's terms of ``ops/mlstm/common.py`` (a loss on the
+    returned C, n, m gets its true gradient). Under autocast the backward recomputes under the same autocast
+    settings, so the recomputed values equal the forward's.
     """
 
     @staticmethod
-    def forward(ctx, layer, backends, has_state, xz, conv0, C0, n0, m0, *params):
+    def forward(ctx, layer, backends, has_state, cu_seqlens, xz, conv0, C0, n0, m0, *params):
         state = mLSTMLayerState(conv0, C0, n0, m0) if has_state else None
         dev = xz.device.type
         ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.set_materialize_grads(False)
         name = resolve_backend(backends.mlstm, xz.device)
         cell_saved = {}
 
         def cell(q, k, v, i, f, cell_state):
             h, final, saved = mlstm_forward_saving(q, k, v, i, f, cell_state, backend=name,
-                                                   chunk_size=backends.chunk_size)
+                                                   chunk_size=backends.chunk_size, cu_seqlens=cu_seqlens)
             cell_saved["saved"] = saved
             return h, final
 
         with torch.no_grad():
-            a, new_state = layer._core(xz, state, cell)
+            a, new_state = layer._core(xz, state, cell, cu_seqlens)
         saved = cell_saved["saved"]
         h32, stats = (None, None) if saved is None else saved
-        ctx.save_for_backward(xz, conv0, C0, n0, m0, h32, stats)
+        ctx.save_for_backward(xz, conv0, C0, n0, m0, h32, stats, new_state.C, new_state.n, cu_seqlens)
         ctx.layer, ctx.backend, ctx.chunk_size = layer, name, backends.chunk_size
         ctx.has_state, ctx.triton = has_state, saved is not None
-        ctx.mark_non_differentiable(new_state.m)
         return (a, *new_state)
 
     @staticmethod
-    def backward(ctx, da, d_conv, dC, dn, _dm):
-        xz, conv0, C0, n0, m0, h32, stats = ctx.saved_tensors
+    def backward(ctx, da, d_conv, dC, dn, dm):
+        xz, conv0, C0, n0, m0, h32, stats, C_T, n_T, cu_seqlens = ctx.saved_tensors
         layer = ctx.layer
         params = layer._core_params()
         dev = xz.device.type
         enabled, dtype = ctx.autocast
+        da = torch.zeros_like(xz[..., :layer.inner_dim]) if da is None else da
         with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
             xz_ = xz.detach().requires_grad_()
             conv_ = None if conv0 is None else conv0.detach().requires_grad_()
-            q, k, v, i, f, x_c, z, conv_new = layer._qkv_gates(xz_, conv_)
+            st = None if not ctx.has_state else tuple(t.detach().requires_grad_() for t in (C0, n0, m0))
+            q, k, v, i, f, x_c, z, conv_new = layer._qkv_gates(xz_, conv_, cu_seqlens)
             leaves = [xz_] + ([conv_] if conv_ is not None else []) + params
             outs, grads = [], []
             if conv_new is not None and d_conv is not None:
                 outs.append(conv_new)
                 grads.append(d_conv)
             if not ctx.triton:  # PyTorch cell: run it again under autograd, one backward for everything
-                st = None if not ctx.has_state else (C0.detach().requires_grad_(), n0.detach().requires_grad_(), m0)
-                h, (C, n, _) = mlstm(q, k, v, i, f, st, backend=ctx.backend, chunk_size=ctx.chunk_size,
-                                     return_state=True)
+                h, final = mlstm(q, k, v, i, f, st, backend=ctx.backend, chunk_size=ctx.chunk_size,
+                                 return_state=True, cu_seqlens=cu_seqlens)
                 outs.append(layer._out(h, x_c, z))
                 grads.append(da)
-                for t, g in ((C, dC), (n, dn)):
+                for t, g in zip(final, (dC, dn, dm)):
                     if g is not None:
                         outs.append(t)
                         grads.append(g)
-                got = torch.autograd.grad(outs, leaves + (list(st[:2]) if st is not None else []), grads,
-                                          allow_unused=True)
-                dC0, dn0 = (got[-2], got[-1]) if st is not None else (None, None)
+                got = torch.autograd.grad(outs, leaves + list(st or ()), grads, allow_unused=True)
+                d_state = got[len(leaves):] if st is not None else (None,) * 3
                 got = got[:len(leaves)]
-            else:  # Triton cell: its saved output and statistics, its own backward
+            else:  # Triton cell: its saved output and statistics, its own backward, then the stabilizer's path
                 h_leaf = h32.to(v.dtype).requires_grad_()
                 outs.append(layer._out(h_leaf, x_c, z))
                 grads.append(da)
@@ -195,13 +200,37 @@ class _mLSTMCore(torch.autograd.Function):
                 dq, dk, dv, di, df, dC0, dn0 = mlstm_backward(
                     q.detach(), k.detach(), v.detach(), i.detach(), f.detach(),
                     None if not ctx.has_state else (C0, n0, m0), (h32, stats), dh, dC, dn,
-                    chunk_size=ctx.chunk_size)
-                got_cell = torch.autograd.grad([q, k, v, i, f], leaves, [dq, dk, dv, di, df], allow_unused=True)
+                    chunk_size=ctx.chunk_size, cu_seqlens=cu_seqlens)
+                cell_outs, cell_grads = [q, k, v, i, f], [dq, dk, dv, di, df]
+                m_leaf = [] if st is None else [st[2]]
+                if any(g is not None for g in (dC, dn, dm)):
+                    dm_true = _stabilizer_grad(dC, dn, dm, C_T, n_T)
+                    starts = doc_starts(cu_seqlens, xz.shape[0], xz.shape[1], "mlstm", xz.device)
+                    m_true = state_stabilizer(i.to(C_T.dtype), F.logsigmoid(f.to(C_T.dtype)),
+                                              None if st is None else st[2], starts)
+                    cell_outs.append(m_true)
+                    cell_grads.append(dm_true)
+                got_cell = torch.autograd.grad(cell_outs, leaves + m_leaf, cell_grads, allow_unused=True)
                 got = [_add(a, b) for a, b in zip(got_out[1:], got_cell)]
+                d_state = (None, None, None)
+                if st is not None:  # m0 enters as exp(m0) on C0 and n0, and in the stabilizer's max
+                    dm0 = (dC0 * C0).sum((-2, -1)) + (dn0 * n0).sum(-1)
+                    d_state = (dC0, dn0, _add(got_cell[-1], dm0))
         d_xz = got[0]
         d_conv0 = got[1] if conv_ is not None else None
         d_params = got[1 + (conv_ is not None):]
-        return (None, None, None, d_xz, d_conv0, dC0, dn0, None, *d_params)
+        return (None, None, None, None, d_xz, d_conv0, *d_state, *d_params)
+
+
+def _stabilizer_grad(dC, dn, dm, C, n) -> torch.Tensor:
+    """The gradient of the returned state's stabilizer m_true: dm - <dC, C> - <dn, n> (C, n carry exp(-m)),
+    (B, NH); absent gradients count as zero."""
+    out = torch.zeros_like(C[..., 0, 0]) if dm is None else dm.clone()
+    if dC is not None:
+        out = out - (dC * C).sum((-2, -1))
+    if dn is not None:
+        out = out - (dn * n).sum(-1)
+    return out
 
 
 def _add(a, b):

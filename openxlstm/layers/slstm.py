@@ -69,8 +69,10 @@ class sLSTMLayer(nn.Module):
             self.bias[E : 2 * E] = forget_bias_init(self.config, self.head_dim, self.block_idx).repeat(self.num_heads)
         self.norm.reset_parameters()
 
-    def forward(self, x: torch.Tensor, state: Optional[sLSTMLayerState] = None, backends: Backends = Backends()):
-        """x: (B, S, E) (normalized) -> (y (B, S, E), new sLSTMLayerState).
+    def forward(self, x: torch.Tensor, state: Optional[sLSTMLayerState] = None, backends: Backends = Backends(),
+                cu_seqlens: Optional[torch.Tensor] = None):
+        """x: (B, S, E) (normalized) -> (y (B, S, E), new sLSTMLayerState); cu_seqlens: packed documents
+        (``openxlstm.ops.packing``) for the conv and the cell.
 
         A single token without gradient (generation) takes ``slstm_decode``, the cell's step in plain
         PyTorch, whatever ``backends.slstm`` says: same maths, a fraction of the ops of a sequence kernel.
@@ -78,7 +80,7 @@ class sLSTMLayer(nn.Module):
         B, S, E = x.shape
         conv_state = None
         if self.conv is not None:
-            x_c, conv_state = self.conv(x, None if state is None else state.conv)
+            x_c, conv_state = self.conv(x, None if state is None else state.conv, cu_seqlens)
             x_c = F.silu(x_c)
         else:
             x_c = x
@@ -90,7 +92,7 @@ class sLSTMLayer(nn.Module):
             h = h[:, None]  # (B, 1, E)
         else:
             h, cell = slstm(pre, self.recurrent, self.bias, cell_state, forget_gate=self.config.slstm_forget_gate,
-                            backend=backends.slstm, return_state=True)
+                            backend=backends.slstm, return_state=True, cu_seqlens=cu_seqlens)
         y = self.norm(h.view(B, S, self.num_heads, self.head_dim))
         return self.dropout(y), sLSTMLayerState(conv_state, *cell)
 

@@ -11,6 +11,19 @@ Conventions (all backends follow them exactly, so they agree to rounding):
   are scaled by the same exp(-m_hat), the floor only changes where eps enters.
 * No gradient flows through m (it is a constant of the computation).
 * Gate maths and states are float32 (float64 for float64 inputs) whatever the input dtype.
+* Packed documents (``cu_seqlens``, see ``openxlstm.ops.packing``): at every document start except a row's
+  first token the state becomes the initial one (C = 0, n = 0, m = 0) before the token is read, so each
+  document gives exactly what it gives alone. A forget-gate pre-activation of -inf (log f = -inf) is a hard
+  reset: it wipes the state, and since then m_t = i_t whatever m_{t-1} was, it equals a fresh start exactly.
+  The parallel and chunkwise forms treat both as segment starts: their cumulative log forget gates restart
+  there (no -inf - -inf), keys attend only within their segment, and a fresh start's zero state still enters
+  the stabilizer with log weight log f_start + ... (as the initial m = 0 does in the recurrence).
+* Returned states and their gradients: the state is returned as stored (C, n scaled by exp(-m)), and its
+  gradients are those of the stored values: m carries the gradient of the running max that defines it (the
+  input gate or forget gates on its arg-max path), and C, n the matching -C dm, -n dm terms
+  (``attach_state_gradient``); a state passed in receives dm0 = <dC0, C0> + <dn0, n0> + its share of the max.
+  Inside a call m stays a constant, so outputs h are unchanged; a loss on a continuation gets the same
+  gradients as before (the m terms cancel), and a loss on the returned C, n, m gets the true ones.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ from typing import NamedTuple, Optional
 import torch
 
 M_FLOOR = -10.0
+NEG_INF = float("-inf")
 
 
 class mLSTMState(NamedTuple):
@@ -103,3 +117,52 @@ def initial_state(
         )
     C, n, m = state
     return mLSTMState(C.to(device=device, dtype=dtype), n.to(device=device, dtype=dtype), m.to(device=device, dtype=dtype))
+
+
+def segment_starts(logf: torch.Tensor, starts: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, NH, S) bool: where the parallel and chunkwise forms restart their cumulative log forget gates: the
+    document starts ``starts`` (B, S) (None: none) and the hard resets, log f = -inf."""
+    hard = logf == NEG_INF
+    return hard if starts is None else hard | starts[:, None, :]
+
+
+def state_stabilizer(i: torch.Tensor, logf: torch.Tensor, m0: Optional[torch.Tensor],
+                     starts: Optional[torch.Tensor]) -> torch.Tensor:
+    """The stabilizer m of the state after the last token, (B, NH), as a differentiable closed form.
+
+    m_T = max(m_init + sum_{r in [P, T]} log f_r, max_{s in [P, T]} (i_s + sum_{r in (s, T]} log f_r)), with P
+    the start of the last segment (a document start, a hard reset or the row start) and m_init the passed
+    m0 in a row's first document (0 without a state), 0 after a reset. Its gradient is that of the max (the
+    arg-max term); sums run backwards from T, so they stay within the last segment (no -inf - -inf).
+    i, logf: (B, NH, S) in the state dtype; m0: (B, NH) or None; starts: (B, S) bool or None.
+    """
+    S = i.shape[-1]
+    seg = segment_starts(logf.detach(), starts)
+    idx = torch.arange(S, device=i.device)
+    P = torch.where(seg, idx, 0).amax(-1, keepdim=True)  # (B, NH, 1) start of the last segment (0: the row start)
+    rev = logf.flip(-1).cumsum(-1).flip(-1)  # (B, NH, S): sum_{r >= s} log f_r
+    after = torch.cat([rev[..., 1:], torch.zeros_like(rev[..., :1])], dim=-1)  # sum_{r > s}
+    cand = torch.where(idx >= P, i + after, NEG_INF).amax(-1)  # (B, NH): the tokens' terms
+    first = ~seg[..., 1:].any(-1)  # (B, NH): the last segment is the row's first (it starts from m0)
+    m_init = torch.zeros_like(cand) if m0 is None else torch.where(first, m0, 0.0)
+    init = rev.gather(-1, P).squeeze(-1) + m_init  # sum_{r >= P} log f_r + m_init (-inf after a hard reset)
+    return torch.maximum(init, cand)
+
+
+def attach_state_gradient(state: mLSTMState, m_true: torch.Tensor) -> mLSTMState:
+    """The state with the gradient of its stabilizer: m gets m_true's gradient (its value stays m), C and n
+    the factor exp(-(m_true - m_true.detach())) (value 1). See the module docstring."""
+    delta = m_true - m_true.detach()  # value 0
+    scale = torch.exp(-delta)
+    C, n, m = state
+    return mLSTMState(C * scale[..., None, None], n * scale[..., None], m.detach() + delta)
+
+
+def state_with_m_gradient(state: Optional[tuple]) -> Optional[tuple]:
+    """A passed-in state whose m requires a gradient, as the kernels read it: C and n times exp(m - m.detach())
+    (value 1), so that m receives <dC0, C0> + <dn0, n0>; m itself goes on as a constant."""
+    if state is None or not state[2].requires_grad:
+        return state
+    C, n, m = state
+    scale = torch.exp(m - m.detach())
+    return (C * scale[..., None, None], n * scale[..., None], m)

@@ -5,6 +5,7 @@ Cost O(d_qk * d_v) per token and head; the state is the whole memory. See ``comm
 
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +45,18 @@ def mlstm_step(
     return num / den[..., None], mLSTMState(C_new, n_new, m_new)
 
 
-def mlstm_recurrent(q, k, v, i, f, state: mLSTMState, eps: float = 1e-6) -> tuple[torch.Tensor, mLSTMState]:
-    """Run ``mlstm_step`` over the sequence. Shapes as in ``openxlstm.ops.mlstm``; h in the state dtype."""
+def mlstm_recurrent(q, k, v, i, f, state: mLSTMState, eps: float = 1e-6,
+                    starts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, mLSTMState]:
+    """Run ``mlstm_step`` over the sequence. Shapes as in ``openxlstm.ops.mlstm``; h in the state dtype.
+
+    starts: (B, S) bool document starts (``ops.packing.doc_starts``) or None: there the state becomes the
+    initial one (zeros) before the token is read."""
     S = q.shape[2]
     hs = []
     for t in range(S):
+        if starts is not None and t > 0:
+            keep = ~starts[:, t]  # (B,)
+            state = mLSTMState(*(torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, 0.0) for x in state))
         h, state = mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], state, eps)
         hs.append(h)
     return torch.stack(hs, dim=2), state

@@ -14,6 +14,12 @@ Gates first (``_gate_prep``, a few float32 PyTorch ops over (B*NH, S)): per toke
 decay b_t = sum of log f over the chunk up to t, and cm_t = max_{s<=t in chunk}(i_s - b_s), which gives every
 row's stabilizer without a pass over the keys: m_t = b_t + max(m_chunk_start, cm_t).
 
+Segments (document starts from ``cu_seqlens`` and hard resets log f = -inf; see ``common.py``): b restarts
+after a segment start P (sum over (P, t], the start's own log f left out), cm is a max over the token's own
+segment, SEG numbers the segments of a row (keys attend within theirs) and FO holds, per token, +inf where its
+segment continues the chunk's carried state, else the fresh start's stabilizer offset log f_P: then the
+carried state is invisible and m_t = b_t + max(log f_P, cm_t) (the zero state's m = 0 enters the max).
+
 Forward
   1. ``_fwd_states``: a sequential loop over chunks per (batch*head, d_qk tile, d_v tile): the state at every
      chunk start, CS (BH, NC+1, d_qk, d_v) float32, NS (BH, NC+1, d_qk), MS (BH, NC+1).
@@ -39,7 +45,7 @@ the interpreter. Both passes are PyTorch custom ops (``openxlstm::mlstm_chunkwis
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +53,8 @@ import triton
 import triton.language as tl
 
 from . import triton_utils
-from .common import M_FLOOR, mLSTMState
+from ..packing import doc_starts
+from .common import M_FLOOR, mLSTMState, segment_starts
 from .triton_utils import autotune, dot_config, mm, mm32, mm_wide, pow2
 
 _PAD_I = -1e30
@@ -62,18 +69,58 @@ def chunk_length(chunk_size: Optional[int], S: int) -> int:
     return min(pow2(chunk_size or DEFAULT_CHUNK, lo, 256), pow2(S, lo))
 
 
-def _gate_prep(i: torch.Tensor, f: torch.Tensor, L: int):
-    """i, f (B, NH, S) -> ig, b, cm, each (B*NH, NC*L) float32 contiguous (see the module docstring).
+class Gates(NamedTuple):
+    """Per-token gate arrays, each (B*NH, NC*L) contiguous (see the module docstring): ig, b, cm, fo float32,
+    seg int32."""
 
-    Padding tokens neither write (i = -1e30) nor decay (log f = 0)."""
+    ig: torch.Tensor
+    b: torch.Tensor
+    cm: torch.Tensor
+    fo: torch.Tensor
+    seg: torch.Tensor
+
+
+def _gate_prep(i: torch.Tensor, f: torch.Tensor, L: int, starts: Optional[torch.Tensor] = None) -> Gates:
+    """i, f (B, NH, S), document starts (B, S) bool or None -> Gates. Padding tokens neither write
+    (i = -1e30) nor decay (log f = 0)."""
     B, NH, S = i.shape
-    NC = triton.cdiv(S, L)
+    BH, NC = B * NH, triton.cdiv(S, L)
     pad = NC * L - S
-    ig = F.pad(i.float().reshape(B * NH, S), (0, pad), value=_PAD_I)
-    logf = F.pad(F.logsigmoid(f.float()).reshape(B * NH, S), (0, pad))
-    b = logf.view(B * NH, NC, L).cumsum(-1)
-    cm = (ig.view(B * NH, NC, L) - b).cummax(-1).values
-    return ig, b.view(B * NH, NC * L), cm.view(B * NH, NC * L)
+    ig = F.pad(i.float().reshape(BH, S), (0, pad), value=_PAD_I).view(BH, NC, L)
+    logf = F.pad(F.logsigmoid(f.float()), (0, pad))  # (B, NH, NC*L)
+    rst = segment_starts(logf, None if starts is None else F.pad(starts, (0, pad))).reshape(BH, NC, L)
+    logf = logf.reshape(BH, NC, L)
+    cs = torch.where(rst, 0.0, logf).cumsum(-1)
+    P = torch.where(rst, torch.arange(L, device=i.device), -1).cummax(-1).values  # latest start in the chunk
+    fresh, Pc = P >= 0, P.clamp(min=0)
+    b = cs - torch.where(fresh, cs.gather(-1, Pc), 0.0)
+    fo = torch.where(fresh, logf.gather(-1, Pc), float("inf"))
+    seg = rst.view(BH, NC * L).cumsum(-1, dtype=torch.int32).view(BH, NC, L)
+    cm = _segment_cummax(ig - b, seg)
+    return Gates(*(t.reshape(BH, NC * L).contiguous() for t in (ig, b, cm, fo, seg)))
+
+
+def _segment_cummax(x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """Inclusive running max along the last dimension that restarts where ``seg`` changes (segments are
+    contiguous runs): log2(L) doubling steps, each taking the max with the value d places back when it lies
+    in the same segment."""
+    d, L = 1, x.shape[-1]
+    while d < L:
+        back = F.pad(x[..., :-d], (d, 0), value=float("-inf"))
+        same = F.pad(seg[..., :-d], (d, 0), value=-1) == seg
+        x = torch.where(same, torch.maximum(x, back), x)
+        d *= 2
+    return x
+
+
+def _segment_reverse_cumsum(x: torch.Tensor, rst: torch.Tensor) -> torch.Tensor:
+    """sum_{t >= r, t in r's segment} x_t along the last dimension (segments start where ``rst`` is True)."""
+    L = x.shape[-1]
+    rev = x.flip(-1).cumsum(-1).flip(-1)  # sum_{t >= r}
+    idx = torch.arange(L, device=x.device)
+    nxt = torch.where(rst, idx, L).flip(-1).cummin(-1).values.flip(-1)  # first start at or after r
+    nxt = F.pad(nxt[..., 1:], (0, 1), value=L)  # first start after r
+    return rev - F.pad(rev, (0, 1)).gather(-1, nxt)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,7 +130,7 @@ def _gate_prep(i: torch.Tensor, f: torch.Tensor, L: int):
 
 @triton.jit
 def _fwd_states(
-    K, V, IG, Bc, CM, C0, N0, M0, CS, NS, MS,
+    K, V, IG, Bc, CM, FO, SEG, C0, N0, M0, CS, NS, MS,
     skb, skh, sks, svb, svh, svs,
     S, NH, DQK, DV, NC,
     HAS_STATE: tl.constexpr, L: tl.constexpr, LB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -119,13 +166,17 @@ def _fwd_states(
                 tl.store(MS + base, m)
         last = gbase + c * L + L - 1
         g = tl.load(Bc + last)
-        m_next = tl.maximum(g + m, g + tl.load(CM + last))
-        decay = tl.exp(g + m - m_next)
+        fo = tl.load(FO + last)
+        keep = fo == float("inf")  # the chunk end's segment carries the state of the chunk start
+        m_next = g + tl.maximum(tl.where(keep, m, fo), tl.load(CM + last))
+        decay = tl.where(keep, tl.exp(g + m - m_next), 0.0)
         C = decay * C
         n = decay * n
+        seg_end = tl.load(SEG + last)
         for sb in range(0, L, LB):
             tok = c * L + sb + tb
             e = tl.exp(g - tl.load(Bc + gbase + tok) + tl.load(IG + gbase + tok) - m_next)  # (LB,)
+            e = tl.where(tl.load(SEG + gbase + tok) == seg_end, e, 0.0)
             mr = tok < S
             kt = tl.load(kbase + tok[:, None] * sks + offs_k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
             vt = tl.load(vbase + tok[:, None] * svs + offs_v[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
@@ -142,10 +193,11 @@ def _fwd_states(
 
 
 @triton.jit
-def _decay(b_r, b_s, ig_s, mh_r, rows, cols):
-    """D[r, s] = exp(b_r - b_s + i_s - m_hat_r) for s <= r, else 0: (LB, LB) float32."""
+def _decay(b_r, b_s, ig_s, mh_r, rows, cols, seg_r, seg_s):
+    """D[r, s] = exp(b_r - b_s + i_s - m_hat_r) for s <= r in the same segment, else 0: (LB, LB) float32."""
     logd = b_r[:, None] - b_s[None, :] + ig_s[None, :] - mh_r[:, None]
-    return tl.exp(tl.where(rows[:, None] >= cols[None, :], logd, float("-inf")))
+    keep = (rows[:, None] >= cols[None, :]) & (seg_r[:, None] == seg_s[None, :])
+    return tl.exp(tl.where(keep, logd, float("-inf")))
 
 
 @triton.jit
@@ -182,7 +234,7 @@ def _av(abase, vbase, rows, cols, den, sas, svs, S, DV, LB: tl.constexpr, BV: tl
 
 @triton.jit
 def _fwd_out(
-    Q, K, V, IG, Bc, CM, CS, NS, MS, H, H32, STATS,
+    Q, K, V, IG, Bc, CM, FO, SEG, CS, NS, MS, H, H32, STATS,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, shb, shh, shs,
     S, NH, DQK, DV, NC, scale, eps,
     M_FLOOR: tl.constexpr, L: tl.constexpr, LB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -204,10 +256,13 @@ def _fwd_out(
     offs_v = pv * BV + tl.arange(0, BV)
     mv = offs_v < DV
     b_r = tl.load(Bc + gbase + rows)
+    seg_r = tl.load(SEG + gbase + rows)
     cst = bh * (NC + 1) + c
     m0 = tl.load(MS + cst)
-    mh = tl.maximum(b_r + tl.maximum(m0, tl.load(CM + gbase + rows)), M_FLOOR)
-    w = tl.exp(b_r + m0 - mh) * scale
+    fo = tl.load(FO + gbase + rows)
+    carry = fo == float("inf")  # the row sees the carried state (no segment started before it in the chunk)
+    mh = tl.maximum(b_r + tl.maximum(tl.where(carry, m0, fo), tl.load(CM + gbase + rows)), M_FLOOR)
+    w = tl.where(carry, tl.exp(b_r + m0 - mh), 0.0) * scale
 
     # the carried state: q_r (C_start, n_start), weighted by w
     num = tl.zeros([LB, BV], dtype=tl.float32)
@@ -227,7 +282,8 @@ def _fwd_out(
     # the chunk's own tokens, one key sub-block at a time up to the diagonal
     for kb in range(0, j + 1):
         cols = c * L + kb * LB + tl.arange(0, LB)
-        D = _decay(b_r, tl.load(Bc + gbase + cols), tl.load(IG + gbase + cols), mh, rows, cols)
+        D = _decay(b_r, tl.load(Bc + gbase + cols), tl.load(IG + gbase + cols), mh, rows, cols, seg_r,
+                   tl.load(SEG + gbase + cols))
         Sm = _qk(qbase, kbase, rows, cols, sqs, sks, S, DQK, LB, BK, HALF_DOT, DOT_DT, PREC) * scale * D
         vt = tl.load(vbase + cols[:, None] * svs + offs_v[None, :], mask=(cols < S)[:, None] & mv[None, :], other=0.0)
         num += mm_wide(Sm, vt, WIDE_HALF, PREC)
@@ -259,7 +315,7 @@ def _den_sign(STATS, bh, rows, NCL, eps):
 
 @triton.jit
 def _bwd_states(
-    Q, Bc, DH, BETA, STATS, MS, CS, NS, DCT, DNT, DCS, DNS, DG,
+    Q, Bc, FO, DH, BETA, STATS, MS, CS, NS, DCT, DNT, DCS, DNS, DG,
     sqb, sqh, sqs, sdb, sdh, sds,
     S, NH, DQK, DV, NC, BH, scale, eps,
     HAS_DFINAL: tl.constexpr, L: tl.constexpr, LB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -295,7 +351,9 @@ def _bwd_states(
             part += tl.sum(dn * tl.load(NS + nxt * DQK + offs_k, mask=mk, other=0.0), 0)
         tl.store(DG + ((pk * npv + pv) * BH + bh) * NC + c, part)
         m_start = tl.load(MS + nxt - 1)
-        decay = tl.exp(tl.load(Bc + gbase + c * L + L - 1) + m_start - tl.load(MS + nxt))
+        last = gbase + c * L + L - 1
+        decay = tl.exp(tl.load(Bc + last) + m_start - tl.load(MS + nxt))
+        decay = tl.where(tl.load(FO + last) == float("inf"), decay, 0.0)
         dC = decay * dC
         dn = decay * dn
         for sb in range(0, L, LB):
@@ -303,6 +361,7 @@ def _bwd_states(
             mr = rows < S
             mh, den, sgn = _den_sign(STATS, bh, rows, NC * L, eps)
             w = tl.exp(tl.load(Bc + gbase + rows) + m_start - mh) * scale
+            w = tl.where(tl.load(FO + gbase + rows) == float("inf"), w, 0.0)
             qt = tl.load(qbase + rows[:, None] * sqs + offs_k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
             a = tl.load(dbase + rows[:, None] * sds + offs_v[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
             qw = qt.to(tl.float32) * w[:, None]
@@ -315,7 +374,7 @@ def _bwd_states(
 
 @triton.jit
 def _bwd_dq(
-    Q, K, V, IG, Bc, DH, BETA, STATS, MS, CS, NS, DQ, QDQ,
+    Q, K, V, IG, Bc, FO, SEG, DH, BETA, STATS, MS, CS, NS, DQ, QDQ,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sob, soh, sos,
     S, NH, DQK, DV, NC, scale, eps,
     L: tl.constexpr, LB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -339,8 +398,10 @@ def _bwd_dq(
     mh, den, sgn = _den_sign(STATS, bh, rows, NC * L, eps)
     beta = tl.load(BETA + gbase + rows)
     b_r = tl.load(Bc + gbase + rows)
+    seg_r = tl.load(SEG + gbase + rows)
     cst = bh * (NC + 1) + c
     w = tl.exp(b_r + tl.load(MS + cst) - mh) * scale
+    w = tl.where(tl.load(FO + gbase + rows) == float("inf"), w, 0.0)
 
     # the carried state: w (a C^T + beta n^T)
     dq = tl.zeros([LB, BK], dtype=tl.float32)
@@ -356,7 +417,8 @@ def _bwd_dq(
 
     for kb in range(0, j + 1):
         cols = c * L + kb * LB + tl.arange(0, LB)
-        D = _decay(b_r, tl.load(Bc + gbase + cols), tl.load(IG + gbase + cols), mh, rows, cols)
+        D = _decay(b_r, tl.load(Bc + gbase + cols), tl.load(IG + gbase + cols), mh, rows, cols, seg_r,
+                   tl.load(SEG + gbase + cols))
         dS = _av(dbase, vbase, rows, cols, den, sds, svs, S, DV, LB, BV, HALF_DOT, DOT_DT, PREC)
         dSD = (dS + beta[:, None]) * D * scale
         kt = tl.load(kbase + cols[:, None] * sks + offs_k[None, :], mask=(cols < S)[:, None] & mk[None, :], other=0.0)
@@ -370,7 +432,7 @@ def _bwd_dq(
 
 @triton.jit
 def _bwd_dk(
-    Q, K, V, IG, Bc, DH, BETA, STATS, MS, DCS, DNS, DK, KDK,
+    Q, K, V, IG, Bc, SEG, DH, BETA, STATS, MS, DCS, DNS, DK, KDK,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sob, soh, sos,
     S, NH, DQK, DV, NC, scale, eps,
     L: tl.constexpr, LB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -394,8 +456,11 @@ def _bwd_dk(
     mk = offs_k < DQK
     b_s = tl.load(Bc + gbase + cols)
     ig_s = tl.load(IG + gbase + cols)
+    seg_s = tl.load(SEG + gbase + cols)
     nxt = bh * (NC + 1) + c + 1
-    e = tl.exp(tl.load(Bc + gbase + c * L + L - 1) - b_s + ig_s - tl.load(MS + nxt))
+    last = gbase + c * L + L - 1
+    e = tl.exp(tl.load(Bc + last) - b_s + ig_s - tl.load(MS + nxt))
+    e = tl.where(seg_s == tl.load(SEG + last), e, 0.0)  # only the chunk end's segment enters its state
 
     # the state at the chunk's end: e (v dC^T + dn)
     dk = tl.zeros([LB, BK], dtype=tl.float32)
@@ -412,7 +477,7 @@ def _bwd_dk(
     for j in range(kb, NQB):
         rows = c * L + j * LB + tl.arange(0, LB)
         mh, den, sgn = _den_sign(STATS, bh, rows, NC * L, eps)
-        D = _decay(tl.load(Bc + gbase + rows), b_s, ig_s, mh, rows, cols)
+        D = _decay(tl.load(Bc + gbase + rows), b_s, ig_s, mh, rows, cols, tl.load(SEG + gbase + rows), seg_s)
         dS = _av(dbase, vbase, rows, cols, den, sds, svs, S, DV, LB, BV, HALF_DOT, DOT_DT, PREC)
         dSD = (dS + tl.load(BETA + gbase + rows)[:, None]) * D * scale
         qt = tl.load(qbase + rows[:, None] * sqs + offs_k[None, :], mask=(rows < S)[:, None] & mk[None, :], other=0.0)
@@ -425,7 +490,7 @@ def _bwd_dk(
 
 @triton.jit
 def _bwd_dv(
-    Q, K, IG, Bc, DH, STATS, MS, DCS, DVO,
+    Q, K, IG, Bc, SEG, DH, STATS, MS, DCS, DVO,
     sqb, sqh, sqs, skb, skh, sks, sdb, sdh, sds, sob, soh, sos,
     S, NH, DQK, DV, NC, scale, eps,
     L: tl.constexpr, LB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -448,8 +513,11 @@ def _bwd_dv(
     mv = offs_v < DV
     b_s = tl.load(Bc + gbase + cols)
     ig_s = tl.load(IG + gbase + cols)
+    seg_s = tl.load(SEG + gbase + cols)
     nxt = bh * (NC + 1) + c + 1
-    e = tl.exp(tl.load(Bc + gbase + c * L + L - 1) - b_s + ig_s - tl.load(MS + nxt))
+    last = gbase + c * L + L - 1
+    e = tl.exp(tl.load(Bc + last) - b_s + ig_s - tl.load(MS + nxt))
+    e = tl.where(seg_s == tl.load(SEG + last), e, 0.0)
 
     # the state at the chunk's end: e (k dC)
     dv = tl.zeros([LB, BV], dtype=tl.float32)
@@ -465,7 +533,7 @@ def _bwd_dv(
     for j in range(kb, NQB):
         rows = c * L + j * LB + tl.arange(0, LB)
         mh, den, sgn = _den_sign(STATS, bh, rows, NC * L, eps)
-        D = _decay(tl.load(Bc + gbase + rows), b_s, ig_s, mh, rows, cols)
+        D = _decay(tl.load(Bc + gbase + rows), b_s, ig_s, mh, rows, cols, tl.load(SEG + gbase + rows), seg_s)
         Sm = _qk(qbase, kbase, rows, cols, sqs, sks, S, DQK, LB, BK, HALF_DOT, DOT_DT, PREC) * scale * D
         a = tl.load(dbase + rows[:, None] * sds + offs_v[None, :], mask=(rows < S)[:, None] & mv[None, :], other=0.0)
         a = (a.to(tl.float32) / den[:, None])
@@ -539,11 +607,11 @@ def _flat_state(t: Optional[torch.Tensor], *shape) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().to(torch.float32).reshape(*shape).contiguous()
 
 
-def _run_states(k, v, ig, b, cm, C0, n0, m0, L, cfg):
+def _run_states(k, v, gates: Gates, C0, n0, m0, L, cfg):
     """The state at every chunk start: CS (BH, NC+1, d_qk, d_v), NS (BH, NC+1, d_qk), MS (BH, NC+1)."""
     B, NH, S, dqk = k.shape
     dv = v.shape[-1]
-    BH, NC = B * NH, ig.shape[1] // L
+    BH, NC = B * NH, gates.ig.shape[1] // L
     dev, f32 = k.device, torch.float32
     CS = triton_utils.empty(BH, NC + 1, dqk, dv, device=dev, dtype=f32)
     NS = triton_utils.empty(BH, NC + 1, dqk, device=dev, dtype=f32)
@@ -551,7 +619,7 @@ def _run_states(k, v, ig, b, cm, C0, n0, m0, L, cfg):
     has_state = C0 is not None
     grid = lambda meta: (BH, triton.cdiv(dqk, meta["BK"]), triton.cdiv(dv, meta["BV"]))  # noqa: E731
     _fwd_states_k[grid](
-        k, v, ig, b, cm, C0 if has_state else CS, n0 if has_state else CS, m0 if has_state else CS, CS, NS, MS,
+        k, v, *gates, C0 if has_state else CS, n0 if has_state else CS, m0 if has_state else CS, CS, NS, MS,
         *_strides(k), *_strides(v), S, NH, dqk, dv, NC,
         HAS_STATE=has_state, L=L, LB=min(L, 64), **cfg,
     )
@@ -559,7 +627,7 @@ def _run_states(k, v, ig, b, cm, C0, n0, m0, L, cfg):
 
 
 def mlstm_triton_forward(q, k, v, i, f, C0=None, n0=None, m0=None, chunk_size: Optional[int] = None,
-                         eps: float = 1e-6):
+                         eps: float = 1e-6, cu_seqlens: Optional[torch.Tensor] = None):
     """The forward pass without autograd. Shapes as ``mlstm_triton``.
 
     Returns h (B, NH, S, d_v) in v.dtype, h32 (the same in float32, for the backward), the final C, n, m
@@ -570,10 +638,10 @@ def mlstm_triton_forward(q, k, v, i, f, C0=None, n0=None, m0=None, chunk_size: O
     dv = v.shape[-1]
     L = chunk_length(chunk_size, S)
     BH = B * NH
-    ig, b, cm = _gate_prep(i, f, L)
-    NC = ig.shape[1] // L
+    gates = _gate_prep(i, f, L, doc_starts(cu_seqlens, B, S, "mlstm", q.device))
+    NC = gates.ig.shape[1] // L
     cfg = dot_config(q.dtype)
-    CS, NS, MS = _run_states(k, v, ig, b, cm, _flat_state(C0, BH, dqk, dv), _flat_state(n0, BH, dqk),
+    CS, NS, MS = _run_states(k, v, gates, _flat_state(C0, BH, dqk, dv), _flat_state(n0, BH, dqk),
                              _flat_state(m0, BH), L, cfg)
     dev = q.device
     h = triton_utils.empty(B, S, NH, dv, device=dev, dtype=v.dtype).transpose(1, 2)  # (B, NH, S, d_v) view
@@ -581,7 +649,7 @@ def mlstm_triton_forward(q, k, v, i, f, C0=None, n0=None, m0=None, chunk_size: O
     stats = triton_utils.empty(BH, 2, NC * L, device=dev, dtype=torch.float32)
     grid = lambda meta: (BH, NC * (L // meta["LB"]), triton.cdiv(dv, meta["BV"]))  # noqa: E731
     _fwd_out_k[grid](
-        q, k, v, ig, b, cm, CS, NS, MS, h, h32, stats,
+        q, k, v, *gates, CS, NS, MS, h, h32, stats,
         *_strides(q), *_strides(k), *_strides(v), *_strides(h), S, NH, dqk, dv, NC, dqk**-0.5, eps,
         M_FLOOR=M_FLOOR, L=L, **cfg,
     )
@@ -590,7 +658,8 @@ def mlstm_triton_forward(q, k, v, i, f, C0=None, n0=None, m0=None, chunk_size: O
 
 
 def mlstm_triton_backward(q, k, v, i, f, C0, n0, m0, h32, stats, dh, dC=None, dn=None,
-                          chunk_size: Optional[int] = None, eps: float = 1e-6):
+                          chunk_size: Optional[int] = None, eps: float = 1e-6,
+                          cu_seqlens: Optional[torch.Tensor] = None):
     """Gradients (dq, dk, dv, di, df, dC0, dn0) of the forward above; the chunk states are recomputed.
 
     dh (B, NH, S, d_v) may be any float dtype and strided; dC, dn (gradients of the final C and n) may be
@@ -602,12 +671,13 @@ def mlstm_triton_backward(q, k, v, i, f, C0, n0, m0, h32, stats, dh, dC=None, dn
     dv = v.shape[-1]
     L = chunk_length(chunk_size, S)
     BH = B * NH
-    ig, b, cm = _gate_prep(i, f, L)
+    gates = _gate_prep(i, f, L, doc_starts(cu_seqlens, B, S, "mlstm", q.device))
+    ig, b, _, fo, seg = gates
     NC = ig.shape[1] // L
     NCL = NC * L
     cfg = dot_config(q.dtype)
     has_state = C0 is not None
-    CS, NS, MS = _run_states(k, v, ig, b, cm, _flat_state(C0, BH, dqk, dv), _flat_state(n0, BH, dqk),
+    CS, NS, MS = _run_states(k, v, gates, _flat_state(C0, BH, dqk, dv), _flat_state(n0, BH, dqk),
                              _flat_state(m0, BH), L, cfg)
     dev, f32 = q.device, torch.float32
     scale = dqk**-0.5
@@ -629,7 +699,7 @@ def mlstm_triton_backward(q, k, v, i, f, C0, n0, m0, h32, stats, dh, dC=None, dn
     npk, npv = triton.cdiv(dqk, st["BK"]), triton.cdiv(dv, st["BV"])
     DG = triton_utils.empty(npk * npv, BH, NC, device=dev, dtype=f32)
     _bwd_states_k[(BH, npk, npv)](
-        q, b, dh, beta, stats, MS, CS, NS, dCT, dnT, DCS, DNS, DG,
+        q, b, fo, dh, beta, stats, MS, CS, NS, dCT, dnT, DCS, DNS, DG,
         *_strides(q), *_strides(dh), S, NH, dqk, dv, NC, BH, scale, eps,
         HAS_DFINAL=has_dfinal, L=L, LB=min(L, 64), PREC=cfg["PREC"], **st,
     )
@@ -645,23 +715,28 @@ def mlstm_triton_backward(q, k, v, i, f, C0, n0, m0, h32, stats, dh, dC=None, dn
     grid_v = lambda meta: (BH, NC * (L // meta["LB"]), triton.cdiv(dv, meta["BV"]))  # noqa: E731
     common = (S, NH, dqk, dv, NC, scale, eps)
     _bwd_dq_k[grid_k](
-        q, k, v, ig, b, dh, beta, stats, MS, CS, NS, dq, QDQ,
+        q, k, v, ig, b, fo, seg, dh, beta, stats, MS, CS, NS, dq, QDQ,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dh), *_strides(dq), *common, L=L, BK=BK, **cfg,
     )
     del CS, NS
     _bwd_dk_k[grid_k](
-        q, k, v, ig, b, dh, beta, stats, MS, DCS, DNS, dk, KDK,
+        q, k, v, ig, b, seg, dh, beta, stats, MS, DCS, DNS, dk, KDK,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dh), *_strides(dk), *common, L=L, BK=BK, **cfg,
     )
     _bwd_dv_k[grid_v](
-        q, k, ig, b, dh, stats, MS, DCS, dvv,
+        q, k, ig, b, seg, dh, stats, MS, DCS, dvv,
         *_strides(q), *_strides(k), *_strides(dh), *_strides(dvv), *common, L=L, **cfg,
     )
 
-    # gate gradients: d i_s = k_s . dk_s, d b_t = q_t . dq_t - k_t . dk_t, b_t = cumsum of log f in the chunk
+    # gate gradients: d i_s = k_s . dk_s, d b_t = q_t . dq_t - k_t . dk_t, b_t = sum of log f over (P, t] (or
+    # the chunk up to t), plus the chunk end's decay term for its segment; none at segment starts
     kdk = KDK.sum(0)  # (BH, NC*L)
     db = (QDQ.sum(0) - kdk).view(BH, NC, L)
-    dlogf = db.flip(-1).cumsum(-1).flip(-1) + DG.sum(0)[..., None]
+    seg = seg.view(BH, NC, L)
+    rst = seg != F.pad(seg.view(BH, NCL)[:, :-1], (1, 0)).view(BH, NC, L)  # segment starts
+    end_seg = seg == seg[..., -1:]
+    dlogf = _segment_reverse_cumsum(db, rst) + torch.where(end_seg, DG.sum(0)[..., None], 0.0)
+    dlogf = torch.where(rst, 0.0, dlogf)
     di = kdk[:, :S].reshape(B, NH, S)
     df = dlogf.view(BH, NCL)[:, :S].reshape(B, NH, S) * torch.sigmoid(-f.float())
     dC0 = DCS[:, 0].reshape(B, NH, dqk, dv).contiguous() if has_state else None
@@ -678,14 +753,15 @@ Tensor = torch.Tensor
 
 @torch.library.custom_op("openxlstm::mlstm_chunkwise_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: Optional[Tensor], n0: Optional[Tensor],
-            m0: Optional[Tensor], chunk_size: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            m0: Optional[Tensor], chunk_size: int, eps: float,
+            cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """h and h32 come back token-major, (B, S, NH, d_v) contiguous (every output of a custom op is)."""
-    h, h32, C, n, m, stats = mlstm_triton_forward(q, k, v, i, f, C0, n0, m0, chunk_size or None, eps)
+    h, h32, C, n, m, stats = mlstm_triton_forward(q, k, v, i, f, C0, n0, m0, chunk_size or None, eps, cu_seqlens)
     return h.transpose(1, 2), h32.transpose(1, 2), C, n, m, stats
 
 
 @_fwd_op.register_fake
-def _(q, k, v, i, f, C0, n0, m0, chunk_size, eps):
+def _(q, k, v, i, f, C0, n0, m0, chunk_size, eps, cu_seqlens=None):
     B, NH, S, dqk = q.shape
     dv = v.shape[-1]
     L = chunk_length(chunk_size or None, S)
@@ -699,16 +775,17 @@ def _(q, k, v, i, f, C0, n0, m0, chunk_size, eps):
 @torch.library.custom_op("openxlstm::mlstm_chunkwise_bwd", mutates_args=())
 def _bwd_op(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C0: Optional[Tensor], n0: Optional[Tensor],
             m0: Optional[Tensor], h32: Tensor, stats: Tensor, dh: Tensor, dC: Optional[Tensor], dn: Optional[Tensor],
-            chunk_size: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            chunk_size: int, eps: float,
+            cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, di, df, dC0, dn0 = mlstm_triton_backward(q, k, v, i, f, C0, n0, m0, h32, stats, dh, dC, dn,
-                                                          chunk_size or None, eps)
+                                                          chunk_size or None, eps, cu_seqlens)
     if dC0 is None:  # custom ops return tensors: empty ones stand for "no initial state"
         dC0, dn0 = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, di, df, dC0, dn0
 
 
 @_bwd_op.register_fake
-def _(q, k, v, i, f, C0, n0, m0, h32, stats, dh, dC, dn, chunk_size, eps):
+def _(q, k, v, i, f, C0, n0, m0, h32, stats, dh, dC, dn, chunk_size, eps, cu_seqlens=None):
     f32 = torch.float32
     dC0 = q.new_empty(C0.shape, dtype=f32) if C0 is not None else q.new_empty(0, dtype=f32)
     dn0 = q.new_empty(n0.shape, dtype=f32) if n0 is not None else q.new_empty(0, dtype=f32)
@@ -717,21 +794,22 @@ def _(q, k, v, i, f, C0, n0, m0, h32, stats, dh, dC, dn, chunk_size, eps):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, i, f, C0, n0, m0, chunk_size, eps = inputs
+    q, k, v, i, f, C0, n0, m0, chunk_size, eps, cu_seqlens = inputs
     _, h32, _, _, _, stats = output
-    ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, h32, stats)
+    ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, h32, stats, cu_seqlens)
     ctx.meta = (chunk_size, eps, C0 is not None)
 
 
 def _backward(ctx, dh_t, _dh32, dC, dn, _dm, _dstats):
-    q, k, v, i, f, C0, n0, m0, h32_t, stats = ctx.saved_tensors
+    q, k, v, i, f, C0, n0, m0, h32_t, stats, cu_seqlens = ctx.saved_tensors
     chunk_size, eps, has_state = ctx.meta
     dh = torch.zeros_like(h32_t, dtype=v.dtype) if dh_t is None else dh_t
     dq, dk, dv, di, df, dC0, dn0 = torch.ops.openxlstm.mlstm_chunkwise_bwd(
-        q, k, v, i, f, C0, n0, m0, h32_t.transpose(1, 2), stats, dh.transpose(1, 2), dC, dn, chunk_size, eps)
+        q, k, v, i, f, C0, n0, m0, h32_t.transpose(1, 2), stats, dh.transpose(1, 2), dC, dn, chunk_size, eps,
+        cu_seqlens)
     if not has_state:
         dC0 = dn0 = None
-    return dq, dk, dv, di, df, dC0, dn0, None, None, None
+    return dq, dk, dv, di, df, dC0, dn0, None, None, None, None
 
 
 torch.library.register_autograd("openxlstm::mlstm_chunkwise_fwd", _backward, setup_context=_setup_context)
@@ -746,26 +824,30 @@ def mlstm_triton(
     state: Optional[tuple] = None,
     chunk_size: Optional[int] = None,
     eps: float = 1e-6,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, mLSTMState]:
     """The mLSTM over a sequence with the chunkwise Triton kernels (differentiable).
 
     q, k: (B, NH, S, d_qk); v: (B, NH, S, d_v); i, f: (B, NH, S) (strided views are fine); state: None or
     (C (B, NH, d_qk, d_v), n (B, NH, d_qk), m (B, NH)), read as float32 and never modified; gradients reach C
     and n (not m). chunk_size (the state chunk L) is rounded to a power of two in [16, 256], default 256:
-    the result does not depend on it beyond rounding. Returns h (B, NH, S, d_v) in v.dtype and the final
-    float32 state. Float64 inputs keep their float64 conventions: they go to the plain-PyTorch chunkwise form.
+    the result does not depend on it beyond rounding. cu_seqlens: packed documents (``openxlstm.ops.packing``).
+    Returns h (B, NH, S, d_v) in v.dtype and the final float32 state (m a constant: ``mlstm`` adds its
+    gradient). Float64 inputs keep their float64 conventions: they go to the plain-PyTorch chunkwise form.
     """
     if q.dtype == torch.float64:
         from .chunkwise import mlstm_chunkwise
         from .common import initial_state
 
         st = initial_state(state, *q.shape[:2], q.shape[3], v.shape[3], torch.float64, q.device)
-        return mlstm_chunkwise(q, k, v, i, f, st, chunk_size or 64, eps)
+        starts = doc_starts(cu_seqlens, q.shape[0], q.shape[2], "mlstm", q.device)
+        return mlstm_chunkwise(q, k, v, i, f, st, chunk_size or 64, eps, starts)
     C0 = n0 = m0 = None
     if state is not None:
         C0, n0, m0 = (t.to(device=q.device, dtype=torch.float32) for t in state)
         m0 = m0.detach()
-    h_t, _, C, n, m, _ = torch.ops.openxlstm.mlstm_chunkwise_fwd(q, k, v, i, f, C0, n0, m0, chunk_size or 0, eps)
+    h_t, _, C, n, m, _ = torch.ops.openxlstm.mlstm_chunkwise_fwd(q, k, v, i, f, C0, n0, m0, chunk_size or 0, eps,
+                                                                  cu_seqlens)
     return h_t.transpose(1, 2), mLSTMState(C, n, m)
 
 
