@@ -1,8 +1,11 @@
-"""``openxlstm experiment grid|ablation|report``: the paper's experiments from the command line.
+"""``openxlstm experiment grid|ablation|report|lra|speed|scaling``: the paper's experiments from the command line.
 
     openxlstm experiment grid --tasks parity,mqar --models "xlstm[0:1],xlstm[1:0]" --seeds 0,1 --out runs/fl
     openxlstm experiment ablation --steps 500 --out runs/ablation
     openxlstm experiment report --out runs/fl
+    openxlstm experiment lra [--scale smoke|cpu|paper]        # Long Range Arena -> runs/lra
+    openxlstm experiment speed [--scale smoke|cpu|paper]      # generation speed -> runs/speed
+    openxlstm experiment scaling [--scale smoke|cpu|paper]    # scaling laws -> runs/scaling
 
 Also runnable as ``python -m openxlstm.experiments ...`` (``__main__.py`` hands it to the main CLI). Cells
 and rungs train through the training engine (``openxlstm/train/engine.py``), so ``--device``,
@@ -13,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 
 import torch
 
 from ..errors import UserError
 from ..train.engine import resolve_device, resolve_dtype
+from . import lra, scaling, speed
 from .ablation import LADDER, run_ablation
 from .models import PAPER_MODELS, canonical_name
 from .mqar import MQARTask
@@ -51,8 +56,9 @@ def _add_run_options(p) -> None:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``experiment`` (with grid / ablation / report) on an argparse subparsers object."""
-    p = subparsers.add_parser("experiment", help="the paper's experiments: formal languages, MQAR, LM ablation")
+    """Register ``experiment`` (grid, ablation, report, lra, speed, scaling) on an argparse subparsers object."""
+    p = subparsers.add_parser("experiment", help="the paper's experiments: formal languages, MQAR, LM ablation, "
+                                                 "Long Range Arena, inference speed, scaling laws")
     sub = p.add_subparsers(dest="experiment", required=True)
 
     g = sub.add_parser("grid", help="train and test a grid of tasks x models x seeds (resumable CSV, table, heat-map)")
@@ -101,10 +107,95 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output folder: ablation.csv (appended), ablation.md")
     _add_run_options(a)
 
+    _add_lra_speed_scaling(sub)
+
     r = sub.add_parser("report", help="rewrite results.md and heatmap.png from a grid's results.csv")
     r.add_argument("--out", required=True, help="the grid's output folder")
     r.add_argument("--aggregate", choices=("mean", "max"), default="mean", help="heat-map: mean or max over seeds")
     return p
+
+
+def _scale_arg(p, default: str = "cpu") -> None:
+    p.add_argument("--scale", choices=("smoke", "cpu", "paper"), default=default,
+                   help="smoke: seconds (CI); cpu: the default, about an hour on 2 cores; paper: the paper's sizes, "
+                        "for a GPU")
+
+
+def _add_lra_speed_scaling(sub) -> None:
+    p = sub.add_parser("lra", help="Long Range Arena: Retrieval, ListOps, Pathfinder, G-Image, RGB-Image (generated or "
+                                   "shipped data; table with mean rank, PNG)")
+    _scale_arg(p)
+    p.add_argument("--tasks", type=_list, default=list(lra.TASK_NAMES), help=f"from {','.join(lra.TASK_NAMES)} (default: all)")
+    p.add_argument("--models", type=_list, default=list(lra.DEFAULT_MODELS),
+                   help=f"model zoo names (default: {','.join(lra.DEFAULT_MODELS)})")
+    p.add_argument("--seeds", type=_ints, default=[0])
+    for name, kind in (("width", int), ("num-blocks", int), ("steps", int), ("batch-size", int), ("lr", float),
+                       ("test-examples", int)):
+        p.add_argument(f"--{name}", type=kind, default=None, help="override the scale's value")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop training a cell after this many minutes")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--out", default="runs/lra", help="output folder: lra.csv (appended), lra.md, lra.png")
+    _add_run_options(p)
+
+    v = sub.add_parser("speed", help="generation time against length (batch 1) and tokens/s against batch size, "
+                                     "xLSTM[1:0], xLSTM[7:1], Transformer with KV cache")
+    _scale_arg(v)
+    v.add_argument("--models", type=_list, default=list(speed.MODELS), help=f"from {','.join(speed.MODELS)}")
+    v.add_argument("--device", default="auto", help="auto (a GPU when present, else the CPU), cpu, cuda, cuda:N")
+    v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    v.add_argument("--out", default="runs/speed", help="output folder: speed.csv (appended), speed.md, speed.png")
+
+    c = sub.add_parser("scaling", help="validation loss against parameters, training FLOPs and inference cost, "
+                                       "xLSTM[1:0], xLSTM[7:1], Transformer; fitted power laws")
+    _scale_arg(c)
+    c.add_argument("--models", type=_list, default=list(scaling.ARCHS), help=f"architectures (default: {','.join(scaling.ARCHS)})")
+    c.add_argument("--widths", type=_ints, default=None, help="override the scale's widths, e.g. 32,48,64,96")
+    for name, kind in (("num-blocks", int), ("seq-len", int), ("batch-size", int), ("steps", int), ("lr", float),
+                       ("eval-tokens", int)):
+        c.add_argument(f"--{name}", type=kind, default=None, help="override the scale's value")
+    c.add_argument("--max-minutes", type=float, default=None, help="stop training a run after this many minutes")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    c.add_argument("--log-every", type=int, default=50)
+    c.add_argument("--out", default="runs/scaling", help="output folder: scaling.csv (appended), scaling.md, scaling.png")
+    _add_run_options(c)
+
+
+def _run_lra_speed_scaling(args) -> int:
+    if args.threads is not None:
+        _check_positive(args, ["threads"])
+        torch.set_num_threads(args.threads)
+    if args.experiment == "speed":
+        for m in args.models:
+            if canonical_name(m) not in speed.MODELS:
+                raise UserError(f"speed compares {', '.join(speed.MODELS)}; got {m!r}")
+        resolve_device(args.device)
+        speed.run_speed(speed.SCALES[args.scale], args.out, device=args.device,
+                        models=[canonical_name(m) for m in args.models])
+        return 0
+    resolve_dtype(args.dtype, resolve_device(args.device))
+    options = RunOptions(device=args.device, dtype=args.dtype, compile=args.compile,
+                         activation_checkpointing=args.activation_checkpointing)
+    _check_positive(args, ["max_minutes", "log_every"])
+    max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
+    if args.experiment == "lra":
+        _check_positive(args, ["width", "num_blocks", "steps", "batch_size", "lr", "test_examples"])
+        specs = lra.lra_specs(args.tasks, args.models, args.seeds, lra.SCALES[args.scale], width=args.width,
+                              num_blocks=args.num_blocks, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                              test_examples=args.test_examples)
+        lra.run_lra(specs, args.out, max_seconds=max_seconds, log_every=args.log_every, options=options)
+        return 0
+    _check_positive(args, ["num_blocks", "seq_len", "batch_size", "steps", "lr", "eval_tokens"])
+    scale = scaling.SCALES[args.scale]
+    if args.widths is not None:
+        if any(w <= 0 for w in args.widths):
+            raise UserError(f"--widths must be positive, got {args.widths}")
+        scale = replace(scale, widths=tuple(args.widths))
+    specs = scaling.scaling_specs(args.models, scale, num_blocks=args.num_blocks, seq_len=args.seq_len,
+                                  batch_size=args.batch_size, steps=args.steps, lr=args.lr, eval_tokens=args.eval_tokens)
+    scaling.run_scaling(specs, args.out, max_seconds=max_seconds, log_every=args.log_every, options=options,
+                        max_bytes=500_000 if args.scale == "smoke" else 8_000_000)
+    return 0
 
 
 def _check_positive(args, names):
@@ -119,6 +210,10 @@ def run(args) -> int:
     try:
         if args.experiment == "report":
             return 0 if write_report(args.out, aggregate=args.aggregate) is not None else 1
+        if args.experiment in ("lra", "speed", "scaling"):
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise UserError("experiments run in one process; use torchrun only with 'openxlstm train'")
+            return _run_lra_speed_scaling(args)
         _check_positive(args, ["width", "num_blocks", "steps", "batch_size", "lr", "threads", "max_minutes",
                                "log_every"])
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
