@@ -1,14 +1,19 @@
 """The ``openxlstm`` command: ``train``, ``generate``, ``eval``, ``plot`` and ``experiment``.
 
-Bad input (a missing or corrupt checkpoint, empty data, a mismatched vocabulary, impossible flags) ends
-with one line ``error: ...`` on stderr and exit status 2, never a traceback.
+Every mistake in the input (an option out of range, a missing or corrupt checkpoint, empty data, a
+mismatched vocabulary, a run directory in use) ends with one line ``error: ...`` on stderr and exit status 2,
+never a traceback; the line names the option or file and what is allowed. Genuine bugs keep their traceback.
+Every option's ``--help`` line says what it does and its default.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -17,6 +22,7 @@ from typing import Optional
 import numpy as np
 
 from .data import load_data
+from .data.dataset import TOKEN_FILE_SUFFIXES
 from .errors import UserError
 from .evaluate import evaluate_contexts, format_table
 from .experiments import cli as experiments_cli
@@ -24,106 +30,203 @@ from .generation import generate
 from .train.checkpoint import load_model, read_meta, resolve_checkpoint
 from .train.distributed import DistInfo
 from .train.engine import resolve_device
-from .train.loop import TrainConfig, train
+from .train.loop import BIN_DTYPES, DEVICE_RE, TrainConfig, train
 from .train.metrics import plot_losses
 
 # flags whose value is fixed by the checkpoint when resuming
 _MODEL_FIELDS = ("arch", "model", "preset", "size", "data", "tokenizer", "val_fraction", "bin_dtype")
 # flags that a resumed run does not take from the checkpoint: how it is launched now decides
-_LAUNCH_FIELDS = ("fsdp", "stop_at")
+_LAUNCH_FIELDS = ("fsdp", "stop_at", "overwrite")
+PLOT_FORMATS = (".png", ".pdf", ".svg")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help when the text does not state its default already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" not in text and action.option_strings and action.nargs != 0 and not action.required
+                and action.default not in (None, argparse.SUPPRESS, False)):
+            text += " (default: %(default)s)"
+        return text.strip()
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings and action.default not in (None, argparse.SUPPRESS):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``error: openxlstm train: argument --lr: ...``, exit status 2 via
+    ``main``), whose float options refuse nan and inf, and whose help shows every default. Subcommand parsers
+    (the experiments' included) are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.register("type", float, _finite_float)
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _int_arg(lo: int, hi: Optional[int] = None):
+    """An argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            where = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"expected an integer {where}, got {text}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_arg(lo: float, lo_open: bool = False, hi: Optional[float] = None, hi_open: bool = False):
+    """An argparse type: a finite number in the interval given."""
+    where = (f"{'>' if lo_open else '>='} {lo:g}" if hi is None else
+             f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > lo if lo_open else value >= lo) and
+                (hi is None or (value < hi if hi_open else value <= hi))):
+            raise argparse.ArgumentTypeError(f"expected a number {where}, got {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _device_arg(text: str) -> str:
+    if not DEVICE_RE.match(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+_positive_int = _int_arg(1)
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a language model (no arguments: a small byte-level xLSTM on a "
-                                     "built-in corpus, ~4 minutes on 2 CPU cores)")
+                                     "built-in corpus, ~4 minutes on 2 idle CPU cores)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=["xlstm", "lstm", "transformer"], help="architecture (default xlstm)")
-    g.add_argument("--config", help="model config: a JSON file or inline JSON of the architecture's config fields")
-    g.add_argument("--preset", help="xLSTM paper model SIZE[:RATIO], e.g. 125m:7:1 or 350m:1:0")
+    g.add_argument("--config", help="model config: a JSON file or inline JSON of the architecture's config fields "
+                                    "(default: the architecture's default model)")
+    g.add_argument("--preset", help="xLSTM paper model SIZE[:RATIO], e.g. 125m:7:1 or 350m:1:0 (default: none)")
     g.add_argument("--size", type=_positive_int, help="baselines: target parameter count (default: equal to the "
                                                      "default xLSTM)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="a text file or folder, or a token file (.bin uint16 / .npy); default: the "
+    g.add_argument("--data", help="a text file or folder, or a token file (.bin / .npy); default: the "
                                   "built-in corpus (Python docs + stdlib sources)")
     g.add_argument("--tokenizer", help="'byte' (default for text), 'bpe:N' (train a BPE of vocabulary N), or a "
-                                       "tokenizer.json path")
-    g.add_argument("--val-fraction", type=float, help="held-out validation fraction (default 0.05)")
-    g.add_argument("--bin-dtype", help="dtype of raw .bin token files (default uint16)")
+                                       "tokenizer.json path; token files: none by default (the model reads ids)")
+    g.add_argument("--val-fraction", type=_float_arg(0, True, 1, True),
+                   help="held-out validation fraction, in (0, 1) (default 0.05)")
+    g.add_argument("--bin-dtype", choices=BIN_DTYPES, help="dtype of raw .bin token files (default uint16)")
     g = p.add_argument_group("training")
-    g.add_argument("--out", help="run directory (default runs/default)")
+    g.add_argument("--out", help="run directory (default runs/default); a fresh run needs it new or empty")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run in --out (its checkpoints, metrics, plot and summary; other files stay) "
+                        "(default: off: a fresh run needs --out new or empty)")
+    g.add_argument("--resume", nargs="?", const="auto",
+                   help="continue from the latest checkpoint of --out, or of the given run/checkpoint directory "
+                        "(default: a fresh run)")
     g.add_argument("--max-steps", type=_positive_int, help="optimizer steps (default 1200)")
-    g.add_argument("--max-time", type=float, help="stop (with a checkpoint) after this many minutes")
-    g.add_argument("--stop-at", type=_positive_int, help="stop at this step as if interrupted (resume later)")
+    g.add_argument("--max-time", type=_float_arg(0, True),
+                   help="stop (with a checkpoint) after this many minutes (default: no limit)")
+    g.add_argument("--stop-at", type=_positive_int,
+                   help="stop at this step as if interrupted, resume later (default: run to --max-steps)")
     g.add_argument("--batch-size", type=_positive_int, help="global batch in sequences (default 16)")
     g.add_argument("--grad-accum", type=_positive_int, help="gradient accumulation steps (default 1)")
     g.add_argument("--seq-len", type=_positive_int, help="training context in tokens (default 128)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
-    g.add_argument("--min-lr", type=float, help="final learning rate (default lr/10)")
-    g.add_argument("--warmup", type=int, help="warm-up steps (default 60)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
-    g.add_argument("--grad-clip", type=float, help="gradient norm clip, 0 for none (default 1.0)")
-    g.add_argument("--seed", type=int, help="seed (default 0)")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="autocast dtype (auto: bf16 on GPU)")
+    g.add_argument("--lr", type=_float_arg(0, True), help="peak learning rate, > 0 (default 3e-3)")
+    g.add_argument("--min-lr", type=_float_arg(0), help="final learning rate (default lr/10)")
+    g.add_argument("--warmup", type=_int_arg(0), help="warm-up steps (default 60)")
+    g.add_argument("--weight-decay", type=_float_arg(0), help="AdamW weight decay on matrices (default 0.1)")
+    g.add_argument("--grad-clip", type=_float_arg(0), help="gradient norm clip, 0 for none (default 1.0)")
+    g.add_argument("--seed", type=_int_arg(0, 2**63 - 1), help="seed, >= 0 (default 0)")
+    g.add_argument("--device", type=_device_arg, help="auto, cpu, cuda or cuda:N (default auto: a GPU if there is one)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype (default auto: bf16 on GPU, float32 on CPU)")
     g.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="torch.compile the model (each block under --fsdp); the first steps are slower. BACKEND: "
-                        "inductor (default), or another torch.compile backend such as aot_eager")
+                        "inductor when left out, or another torch.compile backend such as aot_eager (default: off)")
     g.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="recompute each block's forward during backward instead of keeping its activations: "
-                        "less memory for about one more forward pass")
+                        "less memory for about one more forward pass (default: off)")
     g.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun: shard parameters, gradients and optimizer state over the processes "
-                        "(FSDP2; bf16 parameters on GPU) instead of DDP; checkpoints are sharded (DCP)")
+                        "(FSDP2; bf16 parameters on GPU) instead of DDP; checkpoints are sharded (DCP) (default: off)")
     g.add_argument("--eval-every", type=_positive_int, help="validate every N steps (default 200)")
     g.add_argument("--eval-tokens", type=_positive_int, help="validation tokens per evaluation (default 65536)")
     g.add_argument("--log-every", type=_positive_int, help="metrics CSV row every N steps (default 10)")
     g.add_argument("--save-every", type=_positive_int, help="checkpoint every N steps (default 400)")
-    g.add_argument("--samples", type=int, help="samples generated at the end (default 3)")
-    g.add_argument("--sample-tokens", type=int, help="tokens per sample (default 160)")
-    g.add_argument("--resume", nargs="?", const="auto", help="continue from the latest checkpoint of --out, or of "
-                                                             "the given run/checkpoint directory")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    g.add_argument("--samples", type=_int_arg(0), help="samples generated at the end (default 3)")
+    g.add_argument("--sample-tokens", type=_int_arg(0), help="tokens per sample (default 160)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="log lines instead of a progress bar (default: a progress bar)")
 
 
 def _gen_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    p = sub.add_parser("generate", help="generate text (or token ids) from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", default=None, help="stop a sample when this string appears")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text (repeat for a batch); for a model of token ids (trained on a token file "
+                        "without a tokenizer), ids separated by spaces or commas, e.g. '17 4 99'")
+    p.add_argument("--max-new-tokens", type=_int_arg(0), default=200, help="tokens generated per prompt")
+    p.add_argument("--temperature", type=_float_arg(0), default=0.8, help="sampling temperature, 0 for greedy")
+    p.add_argument("--top-k", type=_positive_int, default=None,
+                   help="sample from the K likeliest tokens only (default: all)")
+    p.add_argument("--top-p", type=_float_arg(0, True, 1), default=None,
+                   help="nucleus sampling: the smallest set of tokens whose probability reaches P, in (0, 1] "
+                        "(default: all)")
+    p.add_argument("--seed", type=_int_arg(0, 2**63 - 1), default=None,
+                   help="seed: the same seed gives the same text (default: a random one)")
+    p.add_argument("--stop", default=None,
+                   help="stop a sample when this text appears; backslash escapes are read, e.g. \\n\\n for a "
+                        "blank line (default: none)")
+    p.add_argument("--device", type=_device_arg, default="cpu", help="cpu, cuda, cuda:N or auto")
 
 
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="validation loss / perplexity at several context lengths")
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     p.add_argument("--data", default=None, help="text or token data (default: the checkpoint's training data)")
-    p.add_argument("--context", default="512,2048,8192", help="comma-separated context lengths")
+    p.add_argument("--context", default="512,2048,8192", help="comma-separated context lengths in tokens")
     p.add_argument("--split", choices=["val", "all"], default="val", help="score the validation split or all data")
-    p.add_argument("--max-tokens", type=_positive_int, default=65536, help="target tokens scored per context")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-tokens", type=_positive_int, default=65536,
+                   help="tokens scored per context, spread evenly over the split")
+    p.add_argument("--device", type=_device_arg, default="cpu", help="cpu, cuda, cuda:N or auto")
 
 
 def _plot_parser(sub) -> None:
-    p = sub.add_parser("plot", help="plot the loss curves of one or more runs into a PNG")
+    p = sub.add_parser("plot", help="plot the loss curves of one or more runs into an image")
     p.add_argument("runs", nargs="+", help="run directories (holding metrics.csv)")
-    p.add_argument("--out", required=True, help="PNG path")
-    p.add_argument("--title", default="")
+    p.add_argument("--out", required=True, help=f"image path ({', '.join(PLOT_FORMATS)})")
+    p.add_argument("--title", default="", help="plot title (default: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="openxlstm", description="Train xLSTM language models, generate, evaluate, and run the paper's experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -138,11 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_model_config(text: str) -> tuple[Optional[str], dict]:
     """(arch or None, config dict) from a JSON file or inline JSON; a checkpoint's config.json also works."""
     src = Path(text)
+    inline = text.lstrip().startswith(("{", "["))
     try:
-        raw = src.read_text() if src.is_file() else text
+        raw = text if inline or not src.is_file() else src.read_text()
         data = json.loads(raw)
     except json.JSONDecodeError as e:
-        what = f"file {text!r}" if src.is_file() else "text"
+        what = "text" if inline or not src.is_file() else f"file {text!r}"
         raise UserError(f"--config: invalid JSON in {what} ({e}); pass a JSON file path or inline JSON") from None
     except OSError as e:
         raise UserError(f"--config: cannot read {text!r} ({e})") from None
@@ -182,13 +286,17 @@ def _train_config(args) -> tuple:
 def cmd_train(args) -> int:
     cfg, resume = _train_config(args)
     result = train(cfg, resume=resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        bpb = "" if result["val_bpb"] is None else f", {result['val_bpb']:.4f} bits/byte"
-        val = "" if result["val_loss"] is None else f"; validation loss {result['val_loss']:.4f}{bpb}"
-        print(f"\ndone: {result['steps']} steps, {result['tokens']:,} tokens in {result['time_s'] / 60:.1f} min{val}")
-        print(f"run directory: {result['checkpoint']} (checkpoint, metrics.csv, loss.png)")
-        for prompt, text in result.get("samples", []):
-            print(f"\n--- sample: {prompt!r}\n{prompt}{text}")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if "already_finished" in result:
+        print(f"run {cfg.out} is finished: {result['already_finished']}")
+        return 0
+    bpb = "" if result["val_bpb"] is None else f", {result['val_bpb']:.4f} bits/byte"
+    val = "" if result["val_loss"] is None else f"; validation loss {result['val_loss']:.4f}{bpb}"
+    print(f"\ndone: {result['steps']} steps, {result['tokens']:,} tokens in {result['time_s'] / 60:.1f} min{val}")
+    print(f"run directory: {result['checkpoint']} (checkpoint, metrics.csv, loss.png)")
+    for prompt, text in result.get("samples", []):
+        print(f"\n--- sample: {prompt!r}\n{prompt}{text}")
     return 0
 
 
@@ -196,25 +304,65 @@ def _load(checkpoint: str, device: str):
     return load_model(checkpoint, device=resolve_device(device, DistInfo()))
 
 
+def unescape(text: str, option: str) -> str:
+    """``\\n``, ``\\t``, ``\\\\``, ``\\xNN``, ``\\uNNNN`` in a command-line string turned into the characters they
+    name (shells pass them through as two characters); other characters, non-ASCII included, stay."""
+    try:
+        return re.sub(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[\\'\"abfnrtv0])",
+                      lambda m: m.group(0).encode("ascii").decode("unicode_escape"), text)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{option} {text!r}: invalid escape ({e.reason})") from None
+
+
+def _check_utf8(text: str, option: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{option} holds bytes that are not UTF-8 text (set a UTF-8 locale, or pass the text "
+                        f"as UTF-8)") from None
+    return text
+
+
+def _id_prompt(text: str, vocab_size: int) -> list[int]:
+    """A model of token ids reads its prompt as ids: '17 4 99' or '17,4,99'."""
+    parts = [t for t in re.split(r"[\s,]+", text.strip()) if t]
+    if not parts or not all(re.fullmatch(r"\d+", t) for t in parts):
+        raise UserError(f"--prompt {text!r}: this model reads token ids (it was trained on a token file without a "
+                        f"tokenizer), so a prompt must be ids separated by spaces or commas, e.g. --prompt '17 4 99'")
+    ids = [int(t) for t in parts]
+    if max(ids) >= vocab_size:
+        raise UserError(f"--prompt holds token id {max(ids)}, outside the model's vocabulary of {vocab_size} "
+                        f"(ids 0 to {vocab_size - 1})")
+    return ids
+
+
 def cmd_generate(args) -> int:
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    prompts = [_check_utf8(p, "--prompt") for p in args.prompt]
+    stop = None if args.stop is None else unescape(_check_utf8(args.stop, "--stop"), "--stop")
+    if stop == "":
+        raise UserError("--stop is empty: give the text that ends a sample, e.g. --stop '\\n\\n'")
     model, tokenizer, _ = _load(args.checkpoint, args.device)
-    if tokenizer is None:
-        raise UserError("this checkpoint was trained on token ids without a tokenizer: it cannot read text prompts")
-    kw = dict(tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
-    if len(args.prompt) == 1:
-        sys.stdout.write(args.prompt[0])
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              seed=args.seed)
+    if tokenizer is None:  # a model of token ids: ids in, ids out
+        if stop is not None:
+            raise UserError("--stop needs a tokenizer, and this model reads token ids (it was trained on a token "
+                            "file without one)")
+        rows = [_id_prompt(p, model.config.vocab_size) for p in prompts]
+        outs = generate(model, rows, **kw)
+        for j, (row, new) in enumerate(zip(rows, outs)):
+            if len(rows) > 1:
+                print(f"--- sample {j}")
+            print(" ".join(str(t) for t in row + new))
+        return 0
+    kw.update(tokenizer=tokenizer, stop=stop)
+    if len(prompts) == 1:
+        sys.stdout.write(prompts[0])
         sys.stdout.flush()
-        generate(model, args.prompt[0], on_text=lambda _, text: (sys.stdout.write(text), sys.stdout.flush()), **kw)
+        generate(model, prompts[0], on_text=lambda _, text: (sys.stdout.write(text), sys.stdout.flush()), **kw)
         sys.stdout.write("\n")
         return 0
-    for j, (prompt, text) in enumerate(zip(args.prompt, generate(model, list(args.prompt), **kw))):
+    for j, (prompt, text) in enumerate(zip(prompts, generate(model, prompts, **kw))):
         print(f"--- sample {j}\n{prompt}{text}")
     return 0
 
@@ -225,10 +373,13 @@ def cmd_eval(args) -> int:
     except ValueError:
         raise UserError(f"--context {args.context!r}: expected comma-separated integers, e.g. 512,2048,8192") from None
     if not contexts or min(contexts) < 1:
-        raise UserError("--context needs positive context lengths")
+        raise UserError(f"--context {args.context!r}: expected positive context lengths, e.g. 512,2048,8192")
     model, tokenizer, meta = _load(args.checkpoint, args.device)
     train_cfg = meta.get("train", {})
     data_path = args.data if args.data is not None else train_cfg.get("data")
+    if tokenizer is None and (data_path is None or Path(data_path).suffix not in TOKEN_FILE_SUFFIXES):
+        raise UserError(f"this model reads token ids (it was trained on a token file without a tokenizer): --data "
+                        f"must be a token file ({' or '.join(TOKEN_FILE_SUFFIXES)}), got {data_path or 'none'}")
     data = load_data(data_path, tokenizer, train_cfg.get("val_fraction", 0.05), train_cfg.get("bin_dtype", "uint16"))
     tokens = data.val if args.split == "val" else np.concatenate([data.train, data.val])
     top = int(tokens.max())
@@ -246,13 +397,23 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    out = Path(args.out)
+    if out.suffix.lower() not in PLOT_FORMATS:
+        raise UserError(f"--out {args.out!r}: the image must end in {', '.join(PLOT_FORMATS)}")
+    if out.is_dir():
+        raise UserError(f"--out {args.out!r} is a directory; name the image file")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {args.out!r} exists; add --overwrite to replace it, or choose another name")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {args.out!r}: the folder {str(out.parent)!r} does not exist")
     runs = {}
     for run in args.runs:
         csv = Path(run) / "metrics.csv"
         if not csv.is_file():
-            raise UserError(f"{run!r} has no metrics.csv")
-        runs[Path(run).name] = csv
-    if plot_losses(runs, Path(args.out), args.title) is None:
+            raise UserError(f"{run!r} has no metrics.csv (pass run directories written by openxlstm train)")
+        label = Path(run).name if Path(run).name not in runs else run
+        runs[label] = csv
+    if plot_losses(runs, out, args.title) is None:
         raise UserError("plotting needs matplotlib: pip install matplotlib")
     print(args.out)
     return 0
@@ -263,8 +424,8 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plo
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -167,6 +167,8 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if stop is not None and (not isinstance(stop, str) or stop == ""):
+        raise ValueError(f"stop must be a non-empty string (an empty one ends every row at once), got {stop!r}")
     if stop is not None and tokenizer is None:
         raise ValueError("a stop string needs a tokenizer")
     device = next(model.parameters()).device

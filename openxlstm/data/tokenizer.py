@@ -59,7 +59,11 @@ class HFTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         dtype = np.uint16 if self.vocab_size <= 65535 else np.uint32
-        return np.asarray(self.tokenizer.encode(text).ids, dtype=dtype)
+        try:
+            return np.asarray(self.tokenizer.encode(text).ids, dtype=dtype)
+        except Exception as e:  # the Rust library raises plain Exceptions, e.g. a WordLevel without unk_token
+            raise UserError(f"the tokenizer cannot encode this text ({str(e).strip().splitlines()[0]}); a word-level "
+                            f"tokenizer needs an unknown token (unk_token) for words outside its vocabulary") from None
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)

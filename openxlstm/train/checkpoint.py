@@ -9,13 +9,22 @@
     RUN/ckpt-000500/tokenizer.json  (HF tokenizers only)
     RUN/ckpt-000500/trainer.pt      schedule, RNG states, step, tokens seen; the optimizer too unless in dcp/
 
-Writes are atomic: a checkpoint is written into a temporary directory that is renamed into place, then the
-``latest`` pointer is replaced with ``os.replace``; a crash at any moment leaves the previous ``latest``
-pointing at a complete checkpoint.
+Writes are atomic: a checkpoint is written into a temporary directory (RUN/.ckpt-000500.tmp), its files and
+the directory fsynced, the directory renamed into place, then the ``latest`` pointer replaced with
+``os.replace``; older checkpoints are deleted only after that. At every moment ``latest`` names a complete
+checkpoint (a crash or a full disk leaves the previous one), also when a checkpoint of the same step is
+replaced. Leftover temporaries of a crashed run are removed by ``clean_leftovers`` (the next run in the
+directory calls it). A full disk or a permission problem is a one-line UserError.
+
+config.json describes the model; the weights file keeps a copy of that description (safetensors metadata;
+trainer.pt for sharded weights), so a config.json edited after saving (``ffn_activation`` changed, say, which
+no weight shape would reveal) is an error instead of a different model. Token-file runs without a tokenizer
+record ``{"type": "none", "vocab_size": V}``: they load without a tokenizer, never as bytes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -26,7 +35,7 @@ from typing import Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
@@ -40,10 +49,52 @@ WEIGHTS_FILE = "model.safetensors"
 DCP_DIR = "dcp"
 
 
+MODEL_KEY = "openxlstm_model"  # safetensors metadata / trainer.pt: the model description saved with the weights
+# OSErrors caused by the machine, not by a bug: reported in one line
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG, errno.EIO}
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory (its entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems cannot fsync a directory
+        if e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def write_error(e: OSError, what: str) -> "UserError":
+    """A one-line UserError for a full disk, a read-only or forbidden path (None for any other OSError)."""
+    if e.errno not in USER_ERRNOS:
+        return None
+    where = f" ({e.filename})" if e.filename else ""
+    return UserError(f"cannot write {what}: {e.strerror or e}{where}; nothing written before was changed: free disk "
+                     f"space or fix the permissions, then run again (with --resume to continue a run)")
+
+
+def model_description(model: torch.nn.Module) -> dict:
+    """{"arch", "model"}: what config.json says about a model, as saved with its weights."""
+    return {"arch": arch_of(model), "model": json.loads(json.dumps(model.config.to_dict()))}
 
 
 def checkpoint_name(step: int) -> str:
@@ -56,11 +107,76 @@ def begin_checkpoint(run_dir, step: int, create: bool = True) -> Path:
     run_dir = Path(run_dir)
     tmp = run_dir / f".{checkpoint_name(step)}.tmp"
     if create:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            raise write_error(e, f"checkpoint {step} into {str(run_dir)!r}") or e
     return tmp
+
+
+def _linked_copy(src: Path, dst: Path) -> None:
+    """A copy of checkpoint directory ``src`` at ``dst`` made of hard links (no data copied; a real copy where
+    the file system has no hard links)."""
+    try:
+        shutil.copytree(src, dst, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+    _fsync_tree(dst)
+
+
+def _swap_in(run_dir: Path, tmp: Path, name: str) -> None:
+    """Move the complete checkpoint ``tmp`` to RUN/name and point ``latest`` at it, ``latest`` naming a complete
+    checkpoint at every moment. A checkpoint already called ``name`` (the same step saved again) is replaced:
+    if ``latest`` names it, ``latest`` first moves to a hard-linked copy of it, so it never dangles."""
+    final = run_dir / name
+    if final.exists():
+        if read_latest(run_dir) == name:
+            keep = run_dir / f".{name}.prev"
+            shutil.rmtree(keep, ignore_errors=True)
+            _linked_copy(final, keep)
+            _write_text_atomic(run_dir / LATEST, keep.name + "\n")
+        old = run_dir / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync(run_dir)
+        _write_text_atomic(run_dir / LATEST, name + "\n")
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(run_dir / f".{name}.prev", ignore_errors=True)
+        return
+    os.replace(tmp, final)
+    _fsync(run_dir)
+    _write_text_atomic(run_dir / LATEST, name + "\n")
+
+
+def read_latest(run_dir) -> Optional[str]:
+    """The checkpoint name that RUN/latest holds (None without a readable pointer)."""
+    try:
+        return (Path(run_dir) / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def clean_leftovers(run_dir) -> list[str]:
+    """Remove what a crashed save left in a run directory (temporary checkpoints and pointer files), never the
+    checkpoint ``latest`` names; returns the names removed. Call it only while no other process writes
+    there (the run directory's lock held)."""
+    run_dir = Path(run_dir)
+    latest = read_latest(run_dir)
+    removed = []
+    for p in sorted(run_dir.glob(".ckpt-*")) + sorted(run_dir.glob(f".{LATEST}.tmp-*")):
+        if p.name == latest:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return removed
 
 
 def finish_checkpoint(run_dir, step: int, tmp: Path, model: torch.nn.Module, tokenizer=None,
@@ -70,23 +186,25 @@ def finish_checkpoint(run_dir, step: int, tmp: Path, model: torch.nn.Module, tok
     place, point RUN/latest at it and keep the newest ``keep`` checkpoints. Returns the checkpoint directory."""
     run_dir = Path(run_dir)
     name = checkpoint_name(step)
-    final = run_dir / name
-    meta = {"format": FORMAT, "arch": arch_of(model), "model": model.config.to_dict(),
-            "tokenizer": None if tokenizer is None else tokenizer.spec(), "step": step,
-            "train": train_config or {}, "weights": weights, **(extra or {})}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_text_atomic(run_dir / LATEST, name + "\n")
+    description = model_description(model)
+    spec = ({"type": "none", "vocab_size": model.config.vocab_size} if tokenizer is None else tokenizer.spec())
+    meta = {"format": FORMAT, **description, "tokenizer": spec, "step": step, "train": train_config or {},
+            "weights": weights, **(extra or {})}
+    try:
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if trainer_state is not None or weights == "dcp":
+            torch.save({**(trainer_state or {}), MODEL_KEY: description}, tmp / "trainer.pt")
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: marks a whole checkpoint
+        _fsync_tree(tmp)
+        _swap_in(run_dir, tmp, name)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, f"checkpoint {step} into {str(run_dir)!r}") or e
     old = sorted(p for p in run_dir.glob("ckpt-*") if p.is_dir() and p.name != name)
     for p in old[:max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
-    return final
+    return run_dir / name
 
 
 def save_checkpoint(run_dir, step: int, model: torch.nn.Module, tokenizer=None, train_config: Optional[dict] = None,
@@ -98,7 +216,14 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, tokenizer=None, 
     (optimizer state, schedule, RNG states). Returns the checkpoint directory.
     """
     tmp = begin_checkpoint(run_dir, step)
-    st_save_model(model, str(tmp / WEIGHTS_FILE))
+    try:
+        st_save_model(model, str(tmp / WEIGHTS_FILE), metadata={MODEL_KEY: json.dumps(model_description(model))})
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, f"checkpoint {step} into {str(run_dir)!r}") or e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return finish_checkpoint(run_dir, step, tmp, model, tokenizer, train_config, trainer_state, extra, keep)
 
 
@@ -107,10 +232,16 @@ def resolve_checkpoint(path) -> Path:
     p = Path(path)
     if not p.exists():
         raise UserError(f"checkpoint {str(p)!r} does not exist")
+    if not p.is_dir():
+        raise UserError(f"{str(p)!r} is a file; pass a run directory or a checkpoint directory")
     if (p / LATEST).is_file():
-        target = p / (p / LATEST).read_text().strip()
+        name = read_latest(p)
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise UserError(f"checkpoint {str(p)!r}: the 'latest' pointer is corrupt (it must hold the name of a "
+                            f"checkpoint directory such as ckpt-000400)")
+        target = p / name
         if not target.is_dir():
-            raise UserError(f"checkpoint {str(p)!r}: 'latest' points at {target.name!r}, which is missing")
+            raise UserError(f"checkpoint {str(p)!r}: 'latest' points at {name!r}, which is missing")
         return target
     if (p / "config.json").is_file():
         return p
@@ -127,12 +258,49 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
+def _saved_description(ckpt: Path) -> Optional[dict]:
+    """The model description saved with the weights (None in checkpoints written before it was saved)."""
+    weights = ckpt / WEIGHTS_FILE
+    try:
+        if weights.is_file():
+            with safe_open(str(weights), framework="pt") as f:
+                text = (f.metadata() or {}).get(MODEL_KEY)
+            return None if text is None else json.loads(text)
+        if (ckpt / "trainer.pt").is_file():
+            state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+            return state.get(MODEL_KEY) if isinstance(state, dict) else None
+    except Exception:  # noqa: BLE001 - unreadable files: loading the weights or resuming reports them
+        return None
+    return None
+
+
+def check_config_unchanged(model: torch.nn.Module, ckpt: Path) -> None:
+    """A UserError when config.json (which built ``model``) no longer describes the model the weights were
+    saved from, e.g. an edited ``ffn_activation``: the weights would load and silently compute another model."""
+    saved = _saved_description(ckpt)
+    if saved is None:
+        return
+    now = model_description(model)
+    if saved == now:
+        return
+    if saved.get("arch") != now["arch"]:
+        diff = f"arch: {now['arch']!r} in config.json, {saved.get('arch')!r} when saved"
+    else:
+        a, b = saved.get("model", {}), now["model"]
+        keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        diff = ", ".join(f"{k}: {b.get(k)!r} in config.json, {a.get(k)!r} when saved" for k in keys[:3])
+    raise UserError(f"checkpoint {str(ckpt)!r}: config.json was changed after the weights were saved ({diff}); "
+                    f"restore config.json: the weights belong to the model it first described")
+
+
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Fill a bare model (one process, not sharded) with a checkpoint's weights, whichever way they were saved."""
+    """Fill a bare model (one process, not sharded) with a checkpoint's weights, whichever way they were saved,
+    after checking that config.json still describes the model they were saved from."""
     weights = ckpt / WEIGHTS_FILE
     sharded = ckpt / DCP_DIR
     if not weights.is_file() and not sharded.is_dir():
         raise UserError(f"checkpoint {str(ckpt)!r} is corrupt: {WEIGHTS_FILE} is missing")
+    check_config_unchanged(model, ckpt)
     try:
         if weights.is_file():
             missing, unexpected = st_load_model(model, str(weights), strict=False)
@@ -158,9 +326,20 @@ def load_model(path, device="cpu"):
     meta = read_meta(ckpt)
     model = build_model(meta["arch"], meta["model"])
     load_weights(model, ckpt)
-    tokenizer = load_tokenizer(meta.get("tokenizer"), ckpt)
     meta["path"] = str(ckpt)
-    return model.to(device).eval(), tokenizer, meta
+    return model.to(device).eval(), checkpoint_tokenizer(meta, ckpt), meta
+
+
+def checkpoint_tokenizer(meta: dict, ckpt: Path):
+    """The tokenizer a checkpoint records, or None for a model of token ids (a token-file run without a
+    tokenizer: ``{"type": "none"}``, or no record at all)."""
+    spec = meta.get("tokenizer")
+    if spec is None or not isinstance(spec, dict) or spec.get("type") in (None, "none"):
+        return None
+    if spec.get("type") not in ("byte", "hf"):
+        raise UserError(f"checkpoint {str(ckpt)!r} is corrupt: unknown tokenizer type {spec.get('type')!r} in "
+                        f"config.json (byte, hf or none)")
+    return load_tokenizer(spec, ckpt)
 
 
 def load_trainer_state(ckpt: Path) -> dict:
@@ -168,10 +347,36 @@ def load_trainer_state(ckpt: Path) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {str(ckpt)!r} has no trainer state (trainer.pt): it cannot be resumed")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for truncated or foreign files
         raise UserError(f"checkpoint {str(ckpt)!r} is corrupt: cannot read trainer.pt ({type(e).__name__})") from None
+    problem = _trainer_state_problem(state)
+    if problem:
+        raise UserError(f"checkpoint {str(ckpt)!r} is corrupt: trainer.pt {problem}")
+    return state
 
 
-__all__ = ["save_checkpoint", "begin_checkpoint", "finish_checkpoint", "resolve_checkpoint", "read_meta", "load_weights",
-           "load_model", "load_trainer_state", "WEIGHTS_FILE", "DCP_DIR"]
+def _trainer_state_problem(state) -> Optional[str]:
+    """What is wrong with a loaded trainer.pt (None: the fields a resume reads are there, of the right types)."""
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not the trainer state"
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"has no valid step (got {step!r})"
+    if not isinstance(state.get("tokens", 0), int):
+        return f"has no valid token count (got {state.get('tokens')!r})"
+    rng = state.get("rng")
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or rng["torch"].dtype != torch.uint8:
+        return "has no valid RNG state"
+    if not isinstance(state.get("schedule", {}), dict):
+        return "has no valid schedule state"
+    optimizer = state.get("optimizer")
+    if optimizer is not None and not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+                                      and isinstance(optimizer.get("param_groups"), list)):
+        return "has no valid optimizer state"
+    return None
+
+
+__all__ = ["save_checkpoint", "begin_checkpoint", "finish_checkpoint", "resolve_checkpoint", "read_meta",
+           "load_weights", "load_model", "load_trainer_state", "checkpoint_tokenizer", "check_config_unchanged", "clean_leftovers",
+           "read_latest", "write_error", "WEIGHTS_FILE", "DCP_DIR"]

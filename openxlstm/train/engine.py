@@ -91,9 +91,15 @@ def resolve_device(device: str, dist_info: DistInfo = DistInfo()) -> torch.devic
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError:
         raise UserError(f"--device {device!r} is not a valid device (cpu, cuda, cuda:N, auto)") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: openxlstm runs on cpu, cuda or cuda:N (or auto)")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:
@@ -356,6 +362,9 @@ class Engine:
                         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
                     if metrics is not None and main:
                         metrics.log(**row)
+                    if bar is not None and (self.step == until or timed_out):
+                        bar.close()  # the finished bar once, the last row below it (a write would redraw it)
+                        bar = None
                     if bar is None:
                         log(_format_row(row, until))
                     elif evaluated:
@@ -426,7 +435,11 @@ class Engine:
                            optim_state_dict=blob["optimizer"])
         elif not self.fsdp:
             load_weights(self.model, ckpt)
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (KeyError, ValueError) as e:
+                raise UserError(f"checkpoint {str(ckpt)!r} is corrupt: the optimizer state in trainer.pt does not fit "
+                                f"the model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         else:  # whole-model checkpoint into shards: every process reads it and keeps its own shards
             full = StateDictOptions(full_state_dict=True)
             weights = _full_state_from_safetensors(self.model, ckpt / WEIGHTS_FILE)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional, Union
@@ -28,13 +29,98 @@ from ..data.tokenizer import HFTokenizer
 from ..errors import UserError
 from ..generation import generate
 from ..models import ARCHS, build_model, config_from_dict
-from .checkpoint import read_meta, resolve_checkpoint
-from .distributed import DistInfo, barrier, init_distributed, launched_by_torchrun, shutdown
+from .checkpoint import _write_text_atomic, read_meta, resolve_checkpoint, write_error
+from .distributed import (DistInfo, all_reduce_max, barrier, init_distributed, is_initialized, launched_by_torchrun,
+                          shutdown)
 from .engine import Engine, EngineConfig
 from .metrics import MetricsLog, plot_losses
+from .rundir import prepare_run_dir
 from .schedule import CosineSchedule
 
 SAMPLE_PROMPTS = ("The ", "def ", "import ")
+BIN_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "int64", "uint64")
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_INF = math.inf
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_range(lo, hi=None):
+    return (lambda v: _is_int(v) and v >= lo and (hi is None or v <= hi),
+            f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]")
+
+
+def _number(lo, lo_open=False, hi=None, hi_open=False):
+    def ok(v):
+        return (_is_number(v) and (v > lo if lo_open else v >= lo) and
+                (hi is None or (v < hi if hi_open else v <= hi)))
+    if hi is None:
+        return ok, f"a number {'>' if lo_open else '>='} {lo:g}"
+    return ok, f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def _optional(check):
+    ok, text = check
+    return (lambda v: v is None or ok(v)), f"{text} (or not given)"
+
+
+def _one_of(*choices):
+    return (lambda v: v in choices), "one of " + ", ".join(str(c) for c in choices)
+
+
+def _text(v) -> bool:
+    return v is None or (isinstance(v, str) and v != "")
+
+
+_BOOL = ((lambda v: isinstance(v, bool)), "true or false")
+# every TrainConfig field: (check, what it allows); the error names the command-line option
+TRAIN_CHECKS = {
+    "arch": _one_of("xlstm", "lstm", "transformer"),
+    "model": ((lambda v: v is None or isinstance(v, dict)), "a JSON object of model config fields"),
+    "preset": (_text, "SIZE[:RATIO], e.g. 125m:7:1"),
+    "size": _optional(_int_range(1)),
+    "data": (_text, "a text file or folder, or a .bin / .npy token file"),
+    "tokenizer": (_text, "byte, bpe:N or a tokenizer.json path"),
+    "val_fraction": _number(0, True, 1, True),
+    "bin_dtype": _one_of(*BIN_DTYPES),
+    "out": ((lambda v: isinstance(v, str) and v.strip() != ""), "a directory path"),
+    "max_steps": _int_range(1),
+    "max_time": _optional(_number(0, True)),
+    "stop_at": _optional(_int_range(1)),
+    "batch_size": _int_range(1),
+    "grad_accum": _int_range(1),
+    "seq_len": _int_range(1),
+    "lr": _number(0, True),
+    "min_lr": _optional(_number(0)),
+    "warmup": _int_range(0),
+    "weight_decay": _number(0),
+    "grad_clip": _number(0),
+    "beta2": _number(0, False, 1, True),
+    "seed": _int_range(0, 2**63 - 1),
+    "device": ((lambda v: isinstance(v, str) and DEVICE_RE.match(v) is not None), "auto, cpu, cuda or cuda:N"),
+    "dtype": _one_of("auto", "float32", "bfloat16"),
+    "compile": ((lambda v: isinstance(v, bool) or (isinstance(v, str) and v != "")), "a torch.compile backend"),
+    "activation_checkpointing": _BOOL,
+    "fsdp": _BOOL,
+    "eval_every": _int_range(1),
+    "eval_tokens": _int_range(1),
+    "log_every": _int_range(1),
+    "save_every": _int_range(1),
+    "samples": _int_range(0),
+    "sample_tokens": _int_range(0),
+    "progress": _BOOL,
+    "overwrite": _BOOL,
+}
+
+
+class RunFinished(Exception):
+    """A resumed run that has nothing left to do (its checkpoint is at --max-steps or --stop-at)."""
 
 
 @dataclass
@@ -76,6 +162,22 @@ class TrainConfig:
     samples: int = 3
     sample_tokens: int = 160
     progress: bool = True
+    overwrite: bool = False  # a fresh run may replace the run in ``out`` (a launch option, never inherited)
+
+    def __post_init__(self):
+        """Every field checked against TRAIN_CHECKS: a wrong value is a one-line UserError naming its option."""
+        for f in fields(self):
+            ok, allowed = TRAIN_CHECKS[f.name]
+            value = getattr(self, f.name)
+            if not ok(value):
+                raise UserError(f"--{f.name.replace('_', '-')} must be {allowed}, got {value!r}")
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise UserError(f"--min-lr {self.min_lr:g} is above --lr {self.lr:g}")
+
+    @property
+    def last_step(self) -> int:
+        """The step this launch trains to: --max-steps, or --stop-at when that comes first."""
+        return self.max_steps if self.stop_at is None else min(self.max_steps, self.stop_at)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -159,8 +261,46 @@ class Trainer:
             self.log = lambda msg: None
         self.out = Path(cfg.out)
         self.cfg = cfg
+        self.lock = None
+        self._saved_step = None
         ckpt = resolve_checkpoint(self.out if resume == "auto" else resume) if resume is not None else None
         meta = read_meta(ckpt) if ckpt is not None else None
+        if meta is not None and int(meta.get("step") or 0) >= cfg.last_step:  # before anything is written
+            limit = (f"--stop-at {cfg.stop_at}" if cfg.stop_at is not None and cfg.stop_at < cfg.max_steps
+                     else f"--max-steps {cfg.max_steps}")
+            raise RunFinished(f"{ckpt} is at step {meta.get('step')}, {limit} reached: nothing to do, nothing "
+                              f"changed (raise --max-steps to train further)")
+        self._prepare_out(ckpt)
+        try:
+            self._build(cfg, ckpt, meta)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare_out(self, ckpt: Optional[Path]) -> None:
+        """Lock and check the run directory on the main process (see rundir.py); every process learns
+        whether that worked before going on."""
+        error = None
+        if self.dist.is_main:
+            try:
+                self.lock = prepare_run_dir(self.out, ckpt, self.cfg.overwrite)
+            except UserError as e:
+                error = e
+        if self.dist.enabled and is_initialized():
+            device = f"cuda:{self.dist.local_rank}" if torch.distributed.get_backend() == "nccl" else "cpu"
+            failed = all_reduce_max([float(error is not None)], device)[0]
+            if failed and error is None:
+                raise UserError("the main process could not prepare the run directory (see its error)")
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Release the run directory's lock."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _build(self, cfg: TrainConfig, ckpt: Optional[Path], meta: Optional[dict]) -> None:
         torch.manual_seed(cfg.seed)
 
         tokenizer_spec = cfg.tokenizer
@@ -233,13 +373,18 @@ class Trainer:
         return {"val_loss": round(loss, 5), "val_bpb": "" if bpb is None else round(bpb, 5)}
 
     def save(self) -> Optional[Path]:
-        return self.engine.save(self.out, self.data.tokenizer, asdict(self.cfg),
+        """Checkpoint the current step (once: Ctrl-C right after a periodic save does not write it again)."""
+        if self._saved_step == self.step:
+            return None
+        path = self.engine.save(self.out, self.data.tokenizer, asdict(self.cfg),
                                 extra={"bytes_per_token": self.data.bytes_per_token})
+        self._saved_step = self.step
+        return path
 
     def fit(self) -> dict:
         """Train to ``max_steps`` (or ``stop_at`` / ``max_time``), validating, logging and checkpointing."""
         cfg = self.cfg
-        last_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at is not None else cfg.max_steps
+        last_step = cfg.last_step
         params = self.model.num_params()  # a sharded parameter counts its whole size
         self.log(f"model: {cfg.arch}, {params:,} parameters; {last_step - self.step} steps of {cfg.batch_size} x "
                  f"{cfg.seq_len} tokens on {self.device} x {self.dist.world_size}"
@@ -260,13 +405,13 @@ class Trainer:
         result = {"arch": cfg.arch, "params": params, "steps": self.step, "tokens": self.engine.tokens,
                   "time_s": round(run.seconds, 1), "val_loss": last.get("val_loss"),
                   "val_bpb": val_bpb if val_bpb != "" else None, "stopped_early": run.stopped_early,
-                  "checkpoint": str(self.out)}
+                  "finished": self.step >= cfg.max_steps, "checkpoint": str(self.out)}
         if self.dist.is_main:
             self.metrics.close()
             png = plot_losses({cfg.arch: self.out / "metrics.csv"}, self.out / "loss.png",
                               title=f"{cfg.arch}, {params / 1e6:.2f}M parameters")
             result["plot"] = None if png is None else str(png)
-            (self.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+            _write_text_atomic(self.out / "summary.json", json.dumps(result, indent=2) + "\n")
         return result
 
     def samples(self, count: int, max_new_tokens: int) -> list[tuple[str, str]]:
@@ -284,15 +429,26 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, resume: Optional[str] = None, log=None) -> dict:
-    """Run a whole training (see TrainConfig); returns the summary dict (also written to OUT/summary.json)."""
+    """Run a whole training (see TrainConfig); returns the summary dict (also written to OUT/summary.json).
+
+    A resumed run with nothing left to do returns ``{"already_finished": message}`` and writes nothing. A
+    full disk or a forbidden path is a one-line UserError; the last checkpoint stays intact."""
+    trainer = None
     try:
         trainer = Trainer(cfg, resume=resume, log=log)
         result = trainer.fit()
         result["samples"] = trainer.samples(cfg.samples, cfg.sample_tokens)
+    except RunFinished as e:
+        return {"already_finished": str(e), "checkpoint": cfg.out}
+    except OSError as e:
+        raise write_error(e, f"the run's files into {cfg.out!r}") or e
     finally:
+        if trainer is not None:
+            trainer.close()
         shutdown()
     return result
 
 
-__all__ = ["TrainConfig", "Trainer", "train", "lm_batches", "bits_per_byte", "default_model_config",
+__all__ = ["TrainConfig", "Trainer", "train", "RunFinished", "TRAIN_CHECKS", "BIN_DTYPES", "lm_batches",
+           "bits_per_byte", "default_model_config",
            "resolve_model_config"]

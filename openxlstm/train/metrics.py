@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Optional
+
+from ..errors import UserError
 
 FIELDS = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss", "val_bpb", "tokens_per_s", "peak_mem_gib"]
 
@@ -16,8 +19,9 @@ class MetricsLog:
         self.path = Path(out_dir) / "metrics.csv"
         rows = []
         if resume_step is not None and self.path.exists():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            with open(self.path, newline="") as f:  # rows cut short by a crash or unreadable are dropped
+                rows = [r for r in csv.DictReader(f)
+                        if (r.get("step") or "").isdigit() and int(r["step"]) <= resume_step]
         with open(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
             writer.writeheader()
@@ -45,8 +49,27 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    """The rows of a metrics CSV with "step" and "tokens" as ints and the losses as floats (None where a row
+    has none); a file that is not such a CSV is a UserError naming the file and the line."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in ("step", "tokens", "train_loss", "val_loss") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(f"{str(path)!r} is not a metrics CSV of openxlstm train: no column {missing[0]!r}")
+            rows = []
+            for line, r in enumerate(reader, start=2):
+                try:
+                    row = {"step": int(r["step"]), "tokens": int(r["tokens"])}
+                    for key in ("train_loss", "val_loss"):
+                        row[key] = float(r[key]) if r.get(key) else None
+                except (TypeError, ValueError):
+                    raise UserError(f"{str(path)!r}, line {line}: not a row of numbers ({r.get('step')!r}, "
+                                    f"{r.get('tokens')!r}, ...); the file is damaged") from None
+                rows.append({**r, **row})
+            return rows
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"cannot read {str(path)!r}: {e}") from None
 
 
 def plot_losses(csv_paths: dict, png_path: Path, title: str = "") -> Optional[Path]:
@@ -65,8 +88,9 @@ def plot_losses(csv_paths: dict, png_path: Path, title: str = "") -> Optional[Pa
     for j, (label, path) in enumerate(csv_paths.items()):
         rows = read_metrics(path)
         color = f"C{j}"
-        train = [(int(r["tokens"]), float(r["train_loss"])) for r in rows if r["train_loss"]]
-        val = [(int(r["tokens"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
+        finite = lambda v: v is not None and math.isfinite(v)  # noqa: E731
+        train = [(r["tokens"], r["train_loss"]) for r in rows if finite(r["train_loss"])]
+        val = [(r["tokens"], r["val_loss"]) for r in rows if finite(r["val_loss"])]
         if train:
             ax.plot(*zip(*train), color=color, alpha=0.45, lw=1, label=f"{label} train")
         if val:
