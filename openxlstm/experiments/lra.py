@@ -189,7 +189,8 @@ def _contour(rng: np.random.Generator, side: int, paddles: int, paddle_len: floa
 
 
 def pathfinder_image(rng: np.random.Generator, side: int, paddles: int, distractors: int, label: int):
-    """One Pathfinder image -> (image (side, side) float32 in [0, 1], marker positions (2, 2)).
+    """One Pathfinder image -> (image (side, side) float32 in [0, 1], marker positions (2, 2), the pixels of
+    the long contours A and B (two arrays of flat indices)).
 
     Two long contours A and B that do not touch (B keeps one pixel away from A); ``distractors`` contours
     of half the paddles, drawn anywhere; markers (3x3 squares of full intensity; contours are drawn at
@@ -199,8 +200,9 @@ def pathfinder_image(rng: np.random.Generator, side: int, paddles: int, distract
         a = _contour(rng, side, paddles, paddle_len, gap, max_turn)
         if a is None:
             continue
+        pix_a = _pixels(np.concatenate(a), side)
         mask_a = np.zeros((side, side), dtype=bool)
-        mask_a.reshape(-1)[_pixels(np.concatenate(a), side)] = True
+        mask_a.reshape(-1)[pix_a] = True
         b = _contour(rng, side, paddles, paddle_len, gap, max_turn, forbidden=_dilate(mask_a).reshape(-1))
         if b is None:
             continue
@@ -215,7 +217,7 @@ def pathfinder_image(rng: np.random.Generator, side: int, paddles: int, distract
         for p in ends:
             x, y = np.clip(np.rint(p).astype(int), 1, side - 2)
             img[y - 1:y + 2, x - 1:x + 2] = 1.0
-        return img, np.array(ends)
+        return img, np.array(ends), (pix_a, _pixels(np.concatenate(b), side))
     raise RuntimeError(f"could not place the contours of a {side}x{side} Pathfinder image; use fewer paddles")
 
 
@@ -355,8 +357,8 @@ class DigitImages(LRATask):
 
 
 class Retrieval(LRATask):
-    """Two windows of ``retrieval_bytes`` bytes, SEP (256) between; documents long enough for two disjoint
-    windows, every fifth (in name order) kept for the test."""
+    """Two windows of ``retrieval_bytes`` bytes, SEP (256) between; distinct documents long enough for two
+    disjoint windows, every fifth (in name order) kept for the test."""
 
     name, vocab_size, num_classes, pad = "retrieval", 258, 2, 257
     SEP = 256
@@ -365,8 +367,8 @@ class Retrieval(LRATask):
         from ..data import default_corpus
 
         self.L = scale.retrieval_bytes
-        docs = [np.frombuffer(d.text.encode("utf-8"), dtype=np.uint8) for d in default_corpus()]
-        docs = [d for d in docs if len(d) >= 2 * self.L]
+        texts = dict.fromkeys(d.text.encode("utf-8") for d in default_corpus())  # distinct texts (pydoc repeats some)
+        docs = [np.frombuffer(t, dtype=np.uint8) for t in texts if len(t) >= 2 * self.L]
         if len(docs) < 10:
             raise UserError(f"the default corpus has {len(docs)} documents of >= {2 * self.L} bytes; need 10")
         self.docs = {"train": [d for j, d in enumerate(docs) if j % 5], "test": docs[::5]}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -77,14 +77,18 @@ def device_name(device: torch.device) -> str:
 def speed_models(scale: SpeedScale, models=MODELS) -> dict:
     """{name: untrained model} at equal size: the xLSTM models at ``scale.width`` x ``scale.num_blocks``, the
     Transformer (as many layers, heads of 64, or of 16 below width 128) with the parameter count of
-    xLSTM[1:0] as near as its width allows."""
+    xLSTM[1:0] as near as its width and then its FFN width allow."""
     out = {}
     for name in models:
         if name == "transformer":
             target = build_model("xlstm[1:0]", scale.vocab_size, scale.width, scale.num_blocks).num_params()
             config = sized_transformer_config(target, scale.vocab_size, num_layers=scale.num_blocks,
                                               head_dim=64 if scale.width >= 128 else 16)
-            out[name] = TransformerLM(config)
+            # then the FFN width (a multiple of 8) that brings the count closest to the target
+            per_f = 3 * config.embedding_dim * config.num_layers
+            rest = config.num_params() - per_f * config.ffn_dim
+            ffn = max(8, 8 * round((target - rest) / per_f / 8))
+            out[name] = TransformerLM(replace(config, ffn_dim=ffn))
         else:
             out[name] = build_model(name, scale.vocab_size, scale.width, scale.num_blocks)
     return out
@@ -121,8 +125,8 @@ def step_loop_times(model, max_length: int, device) -> tuple[list[float], list[f
 
 
 def checkpoints(max_length: int) -> list[int]:
-    """Powers of two from 128 (or fewer at small lengths) up to max_length, and max_length."""
-    out, L = [], min(128, max_length)
+    """Doublings from 128 (from max_length / 4 when that is less) up to max_length, and max_length."""
+    out, L = [], max(1, min(128, max_length // 4))
     while L < max_length:
         out.append(L)
         L *= 2
