@@ -266,6 +266,7 @@ def test_leftovers_of_a_crash_are_cleaned_on_resume(run, tmp_path):
     shutil.copytree(run, out)
     (out / ".ckpt-000006.tmp").mkdir()
     (out / ".latest.tmp-12345").write_text("ckpt-000006\n")
+    (out / ".loss.png.tmp-12345.png").write_bytes(b"half an image")
     assert main(["train", "--resume", "--out", str(out), "--max-steps", "5", "--save-every", "5"]) == 0
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     assert (out / "latest").read_text().strip() == "ckpt-000005"

@@ -41,10 +41,10 @@ def cfg(corpus, out, **kw):
 def test_resume_is_exact(corpus, tmp_path):
     """Stopped at step 3 and resumed: the same weights and validation loss as 6 uninterrupted steps."""
     full = train(cfg(corpus, tmp_path / "full"), log=lambda m: None)
-    train(cfg(corpus, tmp_path / "part", stop_at=3), log=lambda m: None)
+    assert not train(cfg(corpus, tmp_path / "part", stop_at=3), log=lambda m: None)["finished"]
     assert (tmp_path / "part" / "latest").read_text().strip() == "ckpt-000003"
     resumed = train(cfg(corpus, tmp_path / "part"), resume="auto", log=lambda m: None)
-    assert resumed["val_loss"] == full["val_loss"]
+    assert resumed["val_loss"] == full["val_loss"] and resumed["finished"]
     a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = (tmp_path / "part" / "metrics.csv").read_text().strip().splitlines()

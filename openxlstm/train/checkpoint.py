@@ -162,13 +162,13 @@ def read_latest(run_dir) -> Optional[str]:
 
 
 def clean_leftovers(run_dir) -> list[str]:
-    """Remove what a crashed save left in a run directory (temporary checkpoints and pointer files), never the
-    checkpoint ``latest`` names; returns the names removed. Call it only while no other process writes
-    there (the run directory's lock held)."""
+    """Remove what a crashed save left in a run directory (temporary checkpoints .ckpt-*, and the temporary
+    pointer, summary and plot files .NAME.tmp-PID), never the checkpoint ``latest`` names; returns the names
+    removed. Call it only while no other process writes there (the run directory's lock held)."""
     run_dir = Path(run_dir)
     latest = read_latest(run_dir)
     removed = []
-    for p in sorted(run_dir.glob(".ckpt-*")) + sorted(run_dir.glob(f".{LATEST}.tmp-*")):
+    for p in sorted(set(run_dir.glob(".ckpt-*")) | set(run_dir.glob(".*.tmp-*"))):
         if p.name == latest:
             continue
         if p.is_dir():

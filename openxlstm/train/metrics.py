@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -101,9 +102,15 @@ def plot_losses(csv_paths: dict, png_path: Path, title: str = "") -> Optional[Pa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
-    return Path(png_path)
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}{png_path.suffix}")
+    try:
+        fig.savefig(tmp)  # then renamed: an image being replaced is never left half written
+        os.replace(tmp, png_path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return png_path
 
 
 __all__ = ["MetricsLog", "read_metrics", "plot_losses", "FIELDS"]

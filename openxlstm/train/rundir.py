@@ -36,7 +36,7 @@ _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 
 def is_run_file(name: str) -> bool:
     """True for the names a run writes into its directory."""
-    return name in RUN_FILES or name.startswith(("ckpt-", ".ckpt-", f".{LATEST}.tmp-"))
+    return name in RUN_FILES or name.startswith(("ckpt-", ".ckpt-")) or (name.startswith(".") and ".tmp-" in name)
 
 
 class RunLock:
