@@ -51,6 +51,9 @@ def test_grid_results_count_only_whole_finite_rows(tmp_path):
     with path.open(newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == CSV_FIELDS and rows[-1][2] == "3" and len(rows[-1]) == len(CSV_FIELDS)
+    ablation = tmp_path / "ablation.csv"  # the ablation's CSV: its score is val_bpb
+    ablation.write_text("model,val_bpb,finished_at\nlstm,2.5,t\nreslstm,nan,t\nxlstm,2.4,\n")
+    assert [r["model"] for r in read_results(ablation)] == ["lstm"]
 
 
 @pytest.mark.parametrize("make", [

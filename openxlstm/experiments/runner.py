@@ -185,12 +185,13 @@ def run_cell(spec: CellSpec, max_seconds: Optional[float] = None, log: Callable[
 # CSV
 # ---------------------------------------------------------------------------------------------------------
 def _is_result(row: dict) -> bool:
-    """A whole row with a finite score: not a line cut short by a crash (missing or extra fields), not a cell
-    whose training diverged (score nan). Other rows are not results: a rerun runs their cells again."""
-    if None in row or any(v is None for v in row.values()) or not row.get("finished_at"):
+    """A whole row (not a line cut short by a crash: missing or extra fields), finished, with a finite score
+    (a grid's ``score``, the ablation's ``val_bpb``: nan when training diverged). Other rows are not results:
+    a rerun runs their cells again."""
+    if None in row or any(v is None for v in row.values()) or row.get("finished_at", "x") == "":
         return False
     try:
-        return math.isfinite(float(row.get("score", "")))
+        return all(math.isfinite(float(row[k])) for k in ("score", "val_bpb") if k in row)
     except ValueError:
         return False
 
