@@ -33,15 +33,20 @@ def _mlstm_inputs(with_state):
     return q, k, v, i, f, st
 
 
-@pytest.mark.parametrize("with_state", [False, True])
-def test_mlstm_chunkwise_ops(with_state):
+CU = torch.tensor([0, 3, 4, 21, 30, 42], dtype=torch.int32, device=DEV)  # packed documents over B*S = 2*21 tokens
+
+
+@pytest.mark.parametrize("with_state,packed", [(False, False), (True, False), (True, True)])
+def test_mlstm_chunkwise_ops(with_state, packed):
     q, k, v, i, f, (C0, n0, m0) = _mlstm_inputs(with_state)
-    args = (q.requires_grad_(), k.requires_grad_(), v, i, f, C0, n0, m0, 16, 1e-6)
+    cu = CU if packed else None
+    args = (q.requires_grad_(), k.requires_grad_(), v, i, f, C0, n0, m0, 16, 1e-6, cu)
     check(torch.ops.openxlstm.mlstm_chunkwise_fwd.default, args)
     h, h32, C, n, m, stats = torch.ops.openxlstm.mlstm_chunkwise_fwd(*[a.detach() if isinstance(a, torch.Tensor) else a
                                                                        for a in args])
     dh = r(*h.shape).transpose(1, 2)  # (B, NH, S, d_v), strided
-    bwd_args = (q.detach(), k.detach(), v, i, f, C0, n0, m0, h32.transpose(1, 2), stats, dh, r(*C.shape), None, 16, 1e-6)
+    bwd_args = (q.detach(), k.detach(), v, i, f, C0, n0, m0, h32.transpose(1, 2), stats, dh, r(*C.shape), None, 16, 1e-6,
+                cu)
     check(torch.ops.openxlstm.mlstm_chunkwise_bwd.default, bwd_args)
 
 
@@ -52,20 +57,23 @@ def test_mlstm_step_op():
     check(torch.ops.openxlstm.mlstm_step.default, args)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("kind", ["fused", "triton"])
-def test_slstm_ops(kind):
+def test_slstm_ops(kind, packed):
     B, S, NH, d = 3, 7, 2, 16
     E = NH * d
+    cu = torch.tensor([0, 2, 7, 8, 14, 21], device=DEV) if packed else None
     x, R, b = r(B, S, 4 * E), r(NH, d, 4, d, scale=0.1), r(4 * E)
     h0, c0, n0, m0 = r(B, E), r(B, E), r(B, E).abs() + 0.5, r(B, E)
     fwd = getattr(torch.ops.openxlstm, f"slstm_{kind}_fwd").default
-    check(fwd, (x, R, b, h0, c0, n0, m0, False))
-    saved = fwd(x, R, b, h0, c0, n0, m0, False)
+    check(fwd, (x, R, b, h0, c0, n0, m0, False, cu))
+    saved = fwd(x, R, b, h0, c0, n0, m0, False, cu)
     grads = (r(B, S, E), r(B, E), r(B, E), r(B, E))
+    dm = r(B, E) if packed else None  # the gradient of the final stabilizer
     if kind == "fused":
         hs, cs, ns, ms, acts = saved
-        bwd_args = (R, hs, cs, ns, acts, *grads)
+        bwd_args = (R, hs, cs, ns, acts, *grads, dm, cu)
     else:
         y, HS, CS, NS, MS, PRE = saved
-        bwd_args = (R, HS, CS, NS, MS, PRE, *grads, False, False)
+        bwd_args = (R, HS, CS, NS, MS, PRE, *grads, False, False, dm, cu)
     check(getattr(torch.ops.openxlstm, f"slstm_{kind}_bwd").default, bwd_args)

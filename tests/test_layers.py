@@ -1,5 +1,6 @@
 """The mLSTM layer's memory-saving core (recompute in backward) against the same layer run under plain
-autograd: outputs, final states and every gradient (input, parameters, carried state), for each backend."""
+autograd: outputs, final states and every gradient (input, parameters, carried state with its stabilizer m),
+for each backend, with and without packed documents."""
 
 from functools import partial
 
@@ -12,13 +13,15 @@ from openxlstm.layers import Backends, mLSTMLayer, mLSTMLayerState
 from openxlstm.layers.common import BlockDiagonalLinear
 from openxlstm.ops.mlstm import mlstm
 
-CASES = [  # backend, dtype, S, with_state, conv kernel
-    ("chunkwise", torch.float64, 37, False, 4),
-    ("chunkwise", torch.float64, 37, True, 4),
-    ("parallel", torch.float64, 20, True, 0),
-    ("recurrent", torch.float64, 9, True, 4),
-    ("triton", torch.float32, 37, True, 4),
-    ("triton", torch.float32, 21, False, 0),
+CASES = [  # backend, dtype, S, with_state, conv kernel, packed documents
+    ("chunkwise", torch.float64, 37, False, 4, False),
+    ("chunkwise", torch.float64, 37, True, 4, False),
+    ("chunkwise", torch.float64, 37, True, 4, True),
+    ("parallel", torch.float64, 20, True, 0, False),
+    ("recurrent", torch.float64, 9, True, 4, True),
+    ("triton", torch.float32, 37, True, 4, False),
+    ("triton", torch.float32, 37, True, 4, True),
+    ("triton", torch.float32, 21, False, 0, False),
 ]
 
 
@@ -43,7 +46,7 @@ def _state(layer, B, dtype, conv):
         torch.randn(B, NH, generator=g, dtype=sdt))
 
 
-def _run(layer, x, state, backends, plain: bool):
+def _run(layer, x, state, backends, plain: bool, cu_seqlens=None):
     leaves = [x] + [t for t in (state or ()) if t is not None and t.dtype.is_floating_point]
     leaves = [t.detach().requires_grad_() for t in leaves]
     x_ = leaves[0]
@@ -51,32 +54,32 @@ def _run(layer, x, state, backends, plain: bool):
     if state is not None:
         it = iter(leaves[1:])
         st = mLSTMLayerState(*(None if t is None else next(it) for t in state))
-        st = st._replace(m=st.m.detach())
     if plain:  # the same maths with autograd keeping everything
         xz = layer.proj_up(x_)
         a, new = layer._core(xz, st, partial(mlstm, backend=backends.mlstm, chunk_size=backends.chunk_size,
-                                             return_state=True))
+                                             return_state=True, cu_seqlens=cu_seqlens), cu_seqlens)
         y = layer.proj_down(a)
     else:
-        y, new = layer(x_, st, backends)
+        y, new = layer(x_, st, backends, cu_seqlens)
     w = torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)
-    loss = (y * w).sum() + new.C.sum() * 0.1 + new.n.sum() * 0.2
+    loss = (y * w).sum() + new.C.sum() * 0.1 + new.n.sum() * 0.2 + new.m.sum() * 0.4
     if new.conv is not None:
         loss = loss + new.conv.sum() * 0.3
     params = [p for p in layer.parameters()]
-    grads = torch.autograd.grad(loss, leaves[:1] + leaves[1:-1] + params)  # m is not differentiable
+    grads = torch.autograd.grad(loss, leaves + params)
     return [y, new.C, new.n, new.m] + list(grads)
 
 
-@pytest.mark.parametrize("backend,dtype,S,with_state,conv", CASES)
-def test_core_equals_plain_autograd(backend, dtype, S, with_state, conv):
+@pytest.mark.parametrize("backend,dtype,S,with_state,conv,packed", CASES)
+def test_core_equals_plain_autograd(backend, dtype, S, with_state, conv, packed):
     layer = _layer(dtype, conv)
     B = 2
     x = torch.randn(B, S, 32, generator=torch.Generator().manual_seed(1), dtype=dtype)
     state = _state(layer, B, dtype, conv) if with_state else None
     backends = Backends(mlstm=backend, chunk_size=16)
-    fast = _run(layer, x, state, backends, plain=False)
-    ref = _run(layer, x, state, backends, plain=True)
+    cu = torch.tensor([0, 1, 3, S, S + S // 2, 2 * S]) if packed else None
+    fast = _run(layer, x, state, backends, plain=False, cu_seqlens=cu)
+    ref = _run(layer, x, state, backends, plain=True, cu_seqlens=cu)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for j, (a, b) in enumerate(zip(fast, ref)):
         assert rel_err(a, b) <= tol, (j, rel_err(a, b))

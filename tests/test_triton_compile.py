@@ -39,6 +39,8 @@ def build(fn, consts, half, num_warps, num_stages=3, halves=None):
             sig[name] = "i32"
         elif name in FLOATS:
             sig[name] = "fp32"
+        elif name in ("SEG", "RST"):  # segment numbers (mLSTM), document starts (sLSTM)
+            sig[name] = "*i32" if name == "SEG" else "*i8"
         else:
             sig[name] = "*bf16" if name in halves else "*fp32"
     opts = {"num_warps": num_warps, "num_stages": num_stages}
@@ -71,7 +73,8 @@ for half in (True, False):
             for bwd, fn in ((False, st._slstm_fwd), (True, st._slstm_bwd)):
                 c = st._config(d, backward=bwd)
                 nw, ns = c.pop("num_warps"), c.pop("num_stages")
-                build(fn, dict(EXP_FORGET=bwd, PREC=cfg["PREC"], **c), half, nw, ns)
+                flags = dict(HAS_RST=True, HAS_DM=True) if bwd else dict(HAS_RST=True)
+                build(fn, dict(EXP_FORGET=bwd, PREC=cfg["PREC"], **flags, **c), half, nw, ns)
 '''
 
 

@@ -63,18 +63,26 @@ def read_corpus(path) -> list[Document]:
     return docs
 
 
-def split_documents(docs: list[Document], val_fraction: float) -> tuple[str, str]:
-    """(train text, val text). With >= 10 documents each one goes to validation when a hash of its name says
-    so (a stable, spread-out choice); otherwise, or if that leaves a side empty, the joined text's tail is
-    the validation split. Documents are joined by a blank line."""
+def split_document_lists(docs: list[Document], val_fraction: float):
+    """(train documents, val documents) when there are >= 10 documents: each goes to validation when a hash of
+    its name says so (a stable, spread-out choice); None with fewer, or if that leaves a side empty."""
     if len(docs) >= 10:
-        val = [d.text for d in docs if zlib.crc32(d.name.encode()) % 1000 < val_fraction * 1000]
-        train = [d.text for d in docs if zlib.crc32(d.name.encode()) % 1000 >= val_fraction * 1000]
+        val = [d for d in docs if zlib.crc32(d.name.encode()) % 1000 < val_fraction * 1000]
+        train = [d for d in docs if zlib.crc32(d.name.encode()) % 1000 >= val_fraction * 1000]
         if val and train:
-            return "\n\n".join(train), "\n\n".join(val)
+            return train, val
+    return None
+
+
+def split_documents(docs: list[Document], val_fraction: float) -> tuple[str, str]:
+    """(train text, val text). The documents of ``split_document_lists`` joined by a blank line; without such
+    a split, the joined text's tail is the validation split."""
+    lists = split_document_lists(docs, val_fraction)
+    if lists is not None:
+        return "\n\n".join(d.text for d in lists[0]), "\n\n".join(d.text for d in lists[1])
     text = "\n\n".join(d.text for d in docs)
     cut = int(len(text) * (1.0 - val_fraction))
     return text[:cut], text[cut:]
 
 
-__all__ = ["Document", "default_corpus", "read_corpus", "split_documents"]
+__all__ = ["Document", "default_corpus", "read_corpus", "split_documents", "split_document_lists"]

@@ -4,10 +4,12 @@ batch (like DistributedSampler), so W processes see the same global batch as one
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
-import torch
 
 from ..errors import UserError
+from .packing import window_batch
 
 
 class BatchSampler:
@@ -35,13 +37,13 @@ class BatchSampler:
         rng = np.random.default_rng([self.seed, step])
         return rng.integers(0, self.num_tokens - self.seq_len, size=self.global_batch)
 
-    def batch(self, tokens: np.ndarray, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's (x, y), each (global_batch / world_size, S) int64: y is x shifted by one token."""
+    def batch(self, tokens: np.ndarray, step: int, doc_starts: Optional[np.ndarray] = None) -> tuple:
+        """This process's (x, y), each (global_batch / world_size, S) int64: y is x shifted by one token; with
+        the document starts of packed tokens also cu_seqlens, and y -100 where the next token opens another
+        document (``packing.window_batch``)."""
         per = self.global_batch // self.world_size
         starts = self.starts(step)[self.rank * per:(self.rank + 1) * per]
-        windows = np.stack([np.asarray(tokens[s:s + self.seq_len + 1], dtype=np.int64) for s in starts])
-        w = torch.from_numpy(windows)  # (per, S + 1)
-        return w[:, :-1], w[:, 1:]
+        return window_batch(tokens, starts, self.seq_len, doc_starts)
 
 
 def eval_windows(num_tokens: int, seq_len: int, max_tokens: int) -> np.ndarray:
