@@ -34,7 +34,7 @@ from .train.loop import BIN_DTYPES, DEVICE_RE, TrainConfig, train
 from .train.metrics import plot_losses
 
 # flags whose value is fixed by the checkpoint when resuming
-_MODEL_FIELDS = ("arch", "model", "preset", "size", "data", "tokenizer", "val_fraction", "bin_dtype")
+_MODEL_FIELDS = ("arch", "model", "preset", "size", "data", "tokenizer", "val_fraction", "bin_dtype", "pack_documents")
 # flags that a resumed run does not take from the checkpoint: how it is launched now decides
 _LAUNCH_FIELDS = ("fsdp", "stop_at", "overwrite")
 PLOT_FORMATS = (".png", ".pdf", ".svg")
@@ -141,6 +141,10 @@ def _train_parser(sub) -> None:
     g.add_argument("--val-fraction", type=_float_arg(0, True, 1, True),
                    help="held-out validation fraction, in (0, 1) (default 0.05)")
     g.add_argument("--bin-dtype", choices=BIN_DTYPES, help="dtype of raw .bin token files (default uint16)")
+    g.add_argument("--pack-documents", action=argparse.BooleanOptionalAction, default=None,
+                   help="each document ends with an end-of-document token and starts from a fresh state, and no "
+                        "loss crosses a boundary (default: on for a folder or the built-in corpus, off for one "
+                        "text file; a token file's documents end at the tokenizer's end-of-document id)")
     g = p.add_argument_group("training")
     g.add_argument("--out", help="run directory (default runs/default); a fresh run needs it new or empty")
     g.add_argument("--overwrite", action="store_true", default=None,

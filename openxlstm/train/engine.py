@@ -10,7 +10,8 @@ every feature reaches every run:
     several torchrun processes         DDP, or FSDP2 with .fsdp (``parallel.py``)
     .weight_decay, .betas, .grad_clip  AdamW on the model's ``optim_groups``, clipping; the CosineSchedule
     .grad_accum                        micro-batches per optimizer step
-    train_step(input_ids, labels)      one optimizer step; the loss is the model's: model(x, labels=y).loss
+    train_step(input_ids, labels[, cu_seqlens])  one optimizer step; the loss is the model's:
+                                       model(x, labels=y[, cu_seqlens=...]).loss (packed documents)
     evaluate(batches)                  mean loss (and accuracy) over the scored tokens
     fit(batch_at, until, ...)          the loop: metrics rows, evaluation, checkpoints, time limit, Ctrl-C
     save(run_dir, ...), resume(ckpt)   safetensors (one process, DDP) or sharded DCP (FSDP), interchangeable
@@ -38,6 +39,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict, set_state_dict)
 
+from ..data.packing import split_micro_batches
 from ..errors import UserError
 from ..models import arch_of, build_model
 from .checkpoint import (DCP_DIR, WEIGHTS_FILE, begin_checkpoint, finish_checkpoint, load_trainer_state, load_weights,
@@ -141,9 +143,9 @@ def _eval_sums(forward, batches: Sequence, device, dtype, accuracy: bool, rounds
             with _autocast(device, dtype):
                 forward(ids[:1].to(device))
             continue
-        x, y = (t.to(device, non_blocking=True) for t in batches[j])  # (b, S) each
+        x, y, *cu = (t.to(device, non_blocking=True) for t in batches[j])  # (b, S) each, packed: cu_seqlens
         with _autocast(device, dtype):
-            out = forward(x, labels=y, return_logits=accuracy)
+            out = forward(x, labels=y, return_logits=accuracy, **({"cu_seqlens": cu[0]} if cu else {}))
         loss_sum += out.loss.double() * out.num_tokens
         count += out.num_tokens
         if accuracy:
@@ -260,11 +262,13 @@ class Engine:
             return self.train_forward.no_sync()
         return nullcontext()
 
-    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                   cu_seqlens: Optional[torch.Tensor] = None) -> float:
         """One optimizer step on this process's share of the global batch.
 
-        input_ids, labels: (b, S) host tensors, b a multiple of ``grad_accum``. Returns the step's mean loss
-        over the scored tokens of the global batch (all processes).
+        input_ids, labels: (b, S) host tensors, b a multiple of ``grad_accum``; cu_seqlens: packed documents
+        over the b*S tokens, every row start a boundary (``data.packing.window_batch``), passed to the model
+        per micro-batch. Returns the step's mean loss over the scored tokens of the global batch (all processes).
         """
         accum = self.config.grad_accum
         if input_ids.shape[0] % accum:
@@ -275,11 +279,14 @@ class Engine:
         counts = (labels != IGNORE_INDEX).reshape(accum, -1).sum(1).tolist()  # scored tokens per micro-batch
         total = max(all_reduce_sum([float(sum(counts))], self.device)[0] if self.dist.enabled else sum(counts), 1)
         loss_sum = torch.zeros((), device=self.device)
+        packed = {} if cu_seqlens is None else {  # each micro-batch's own cu_seqlens
+            a: {"cu_seqlens": cu.to(self.device, non_blocking=True)}
+            for a, cu in enumerate(split_micro_batches(cu_seqlens, input_ids.shape[0], input_ids.shape[1], accum))}
         for a in range(accum):
             x = input_ids[a * micro:(a + 1) * micro].to(self.device, non_blocking=True)  # (micro, S)
             y = labels[a * micro:(a + 1) * micro].to(self.device, non_blocking=True)  # (micro, S)
             with self._grad_sync(a == accum - 1), _autocast(self.device, self.dtype):
-                loss = self.train_forward(x, labels=y).loss  # mean over this micro-batch's scored tokens
+                loss = self.train_forward(x, labels=y, **packed.get(a, {})).loss  # mean over the scored tokens
             # processes average their gradients, so weigh each micro-batch by its share of the global batch
             (loss * (counts[a] * world / total)).backward()
             loss_sum += loss.detach() * (counts[a] / total)

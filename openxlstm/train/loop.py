@@ -25,7 +25,8 @@ from ..baselines import sized_lstm_config, sized_transformer_config
 from ..config import preset as xlstm_preset
 from ..config import xLSTMConfig
 from ..data import BatchSampler, eval_windows, load_data
-from ..data.tokenizer import HFTokenizer
+from ..data.packing import window_batch
+from ..data.tokenizer import HFTokenizer, load_tokenizer
 from ..errors import UserError
 from ..generation import generate
 from ..models import ARCHS, build_model, config_from_dict
@@ -89,6 +90,7 @@ TRAIN_CHECKS = {
     "tokenizer": (_text, "byte, bpe:N or a tokenizer.json path"),
     "val_fraction": _number(0, True, 1, True),
     "bin_dtype": _one_of(*BIN_DTYPES),
+    "pack_documents": ((lambda v: v is None or isinstance(v, bool)), "true or false (or not given)"),
     "out": ((lambda v: isinstance(v, str) and v.strip() != ""), "a directory path"),
     "max_steps": _int_range(1),
     "max_time": _optional(_number(0, True)),
@@ -136,6 +138,8 @@ class TrainConfig:
     tokenizer: Optional[str] = None  # "byte" (text default), "bpe:N", or a tokenizer.json path
     val_fraction: float = 0.05
     bin_dtype: str = "uint16"
+    pack_documents: Optional[bool] = None  # documents with boundaries and end-of-document tokens (None: on for
+    # a folder or the default corpus; see data/packing.py)
     out: str = "runs/default"
     max_steps: int = 1200
     max_time: Optional[float] = None  # minutes; stop early (with a checkpoint) when exceeded
@@ -230,15 +234,13 @@ def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> dict:
 
 
 def lm_batches(tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int,
-               dist_info: DistInfo = DistInfo()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+               dist_info: DistInfo = DistInfo(), doc_starts: Optional[np.ndarray] = None) -> list[tuple]:
     """This process's share of the evaluation windows of ``tokens`` (non-overlapping, at most ``max_tokens``
-    targets, spread evenly), as (input_ids, labels) batches, each (b, S): labels are the next tokens."""
+    targets, spread evenly), as (input_ids, labels) batches, each (b, S): labels are the next tokens; with
+    the document starts of packed tokens (input_ids, labels, cu_seqlens) (``data.packing.window_batch``)."""
     starts = eval_windows(len(tokens), seq_len, max_tokens)[dist_info.rank::dist_info.world_size]
-    batches = []
-    for i in range(0, len(starts), batch_size):
-        w = torch.stack([torch.from_numpy(tokens[s:s + seq_len + 1].astype("int64")) for s in starts[i:i + batch_size]])
-        batches.append((w[:, :-1], w[:, 1:]))  # w: (b, S + 1)
-    return batches
+    return [window_batch(tokens, starts[i:i + batch_size], seq_len, doc_starts)
+            for i in range(0, len(starts), batch_size)]
 
 
 def bits_per_byte(loss: float, bytes_per_token: Optional[float]) -> Optional[float]:
@@ -304,8 +306,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         tokenizer_spec = cfg.tokenizer
+        self.pack_documents = cfg.pack_documents
         if meta is not None and (meta.get("tokenizer") or {}).get("type") == "hf":
             tokenizer_spec = str(ckpt / HFTokenizer.FILE)
+        elif meta is not None and (meta.get("tokenizer") or {}).get("type") == "byte":
+            tokenizer_spec = load_tokenizer(meta["tokenizer"])  # runs from before the end-of-document id: 256 ids
+        if meta is not None and "pack_documents" not in meta.get("train", {}):
+            self.pack_documents = False  # a run from before packing resumes on the data it trained on
         self.data = self._load_data(tokenizer_spec)
         self.log(f"data: {self.data.description}")
 
@@ -352,19 +359,19 @@ class Trainer:
             shared = self.out / "tokenizer.json"
             if self.dist.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
-                data = load_data(cfg.data, tokenizer_spec, cfg.val_fraction, cfg.bin_dtype)
+                data = load_data(cfg.data, tokenizer_spec, cfg.val_fraction, cfg.bin_dtype, self.pack_documents)
                 data.tokenizer.save(self.out)
             barrier()
             if not self.dist.is_main:
-                data = load_data(cfg.data, str(shared), cfg.val_fraction, cfg.bin_dtype)
+                data = load_data(cfg.data, str(shared), cfg.val_fraction, cfg.bin_dtype, self.pack_documents)
             return data
-        return load_data(cfg.data, tokenizer_spec, cfg.val_fraction, cfg.bin_dtype)
+        return load_data(cfg.data, tokenizer_spec, cfg.val_fraction, cfg.bin_dtype, self.pack_documents)
 
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> tuple[float, Optional[float]]:
         """(validation loss, bits per byte or None) on ``eval_tokens`` held-out tokens."""
         batches = lm_batches(self.data.val, self.cfg.seq_len, self.cfg.eval_tokens, max(16, self.micro_batch),
-                             self.dist)
+                             self.dist, self.data.val_starts)
         loss = self.engine.evaluate(batches).loss
         return loss, bits_per_byte(loss, self.data.bytes_per_token)
 
@@ -390,7 +397,7 @@ class Trainer:
                  f"{cfg.seq_len} tokens on {self.device} x {self.dist.world_size}"
                  + (" (FSDP)" if cfg.fsdp else " (DDP)" if self.dist.enabled else ""))
         try:
-            run = self.engine.fit(lambda step: self.sampler.batch(self.data.train, step), last_step,
+            run = self.engine.fit(lambda step: self.sampler.batch(self.data.train, step, self.data.train_starts), last_step,
                                   max_seconds=None if cfg.max_time is None else cfg.max_time * 60,
                                   log_every=cfg.log_every, eval_every=cfg.eval_every, evaluate=self._validation_row,
                                   save_every=cfg.save_every, save=self.save,
