@@ -53,7 +53,7 @@ def test_gradcheck(backend):
 
     def fn(x, R, b, h0, c0, n0):
         h, fin = slstm(x, R, b, (h0, c0, n0, state[3]), backend=backend, return_state=True)
-        return h, fin.h, fin.c / fin.n  # everything not tied to the stabilizer m
+        return h, fin.h, fin.c / fin.n, fin.c, fin.n, fin.m  # the stored state too (its m carries a gradient)
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
 
