@@ -335,3 +335,32 @@ def test_run_options_reach_the_cells(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     assert "one process" in err[-1] and "backend" in err[1]
+
+
+def test_slstm_init_block0_changes_only_slstm_forget_biases(tmp_path):
+    """--slstm-init block0 (the parity recipe) gives every sLSTM block block 0's forget-gate biases and leaves
+    everything else, and every model without sLSTM blocks, as the reference builds it."""
+    from openxlstm.layers.slstm import forget_bias_init
+
+    for name in ("xlstm[1:1]", "xlstm[0:1]", "xlstm[1:0]", "transformer", "lstm"):
+        torch.manual_seed(0)
+        ref = build_model(name, 4, width=16, num_blocks=2)
+        torch.manual_seed(0)
+        new = build_model(name, 4, width=16, num_blocks=2, slstm_init="block0")
+        changed = [n for (n, p), (_, q) in zip(ref.named_parameters(), new.named_parameters()) if not torch.equal(p, q)]
+        sblocks = [j for j, b in enumerate(getattr(new, "blocks", [])) if getattr(b, "kind", "") == "s"]
+        # block 0's profile is already the reference's at block 0: only deeper sLSTM blocks change
+        assert changed == [f"blocks.{j}.layer.bias" for j in sblocks if j > 0], (name, changed)
+        for j in sblocks:
+            layer = new.blocks[j].layer
+            want = forget_bias_init(layer.config, layer.head_dim, 0).repeat(layer.num_heads)
+            assert torch.equal(layer.bias[16:32].detach(), want)
+            assert torch.equal(layer.bias[:16].detach(), ref.blocks[j].layer.bias[:16].detach())
+    with pytest.raises(ValueError, match="slstm_init"):
+        build_model("xlstm[1:1]", 4, slstm_init="deep")
+    out = tmp_path / "g"
+    args = ["grid", "--tasks", "parity", "--models", "xlstm[1:1]", "--width", "16", "--steps", "1", "--eval-batches", "1",
+            "--eval-batch-size", "4", "--batch-size", "4", "--slstm-init", "block0", "--out", str(out)]
+    assert cli_main(args) == 0
+    rows = read_results(out / "results.csv")
+    assert [r["slstm_init"] for r in rows] == ["block0"]

@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..train.engine import resolve_device, resolve_dtype
 from . import lra, scaling, speed
 from .ablation import LADDER, run_ablation
-from .models import PAPER_MODELS, canonical_name
+from .models import PAPER_MODELS, SLSTM_INITS, canonical_name
 from .mqar import MQARTask
 from .runner import ALL_TASKS, SCHEDULES, RunOptions, grid_specs, run_grid, write_report
 
@@ -76,6 +76,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                    help="learning rate after a linear warm-up over the first 5%% of the steps: 'cosine' decays to "
                         "10%% of --lr at the last step (default), 'constant' stays at --lr")
+    g.add_argument("--slstm-init", choices=SLSTM_INITS, default="reference",
+                   help="sLSTM forget-gate biases: 'reference' (depth-dependent, the default) or 'block0' (every sLSTM "
+                        "block starts as the first one: most units forget fast; the parity recipe)")
     g.add_argument("--train-max-len", type=int, default=40, help="train on input lengths 1..N (default 40)")
     g.add_argument("--test-lengths", default="41-256", help="test input lengths lo-hi (default 41-256)")
     g.add_argument("--supervision", choices=("prefix", "last"), default="prefix",
@@ -241,7 +244,7 @@ def run(args) -> int:
         _check_positive(args, ["train_max_len", "eval_batches", "eval_batch_size"])
         specs = grid_specs(args.tasks, args.models, args.seeds, width=args.width, num_blocks=args.num_blocks,
                            steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                           schedule=args.schedule,
+                           schedule=args.schedule, slstm_init=args.slstm_init,
                            train_max_len=args.train_max_len, test_min_len=lo, test_max_len=hi,
                            supervision=args.supervision, eval_batches=args.eval_batches, eval_batch_size=args.eval_batch_size,
                            mqar_context=args.mqar_context, mqar_pairs=args.mqar_pairs, mqar_vocab=args.mqar_vocab)

@@ -25,9 +25,11 @@ from ..config import parse_ratio, slstm_positions, xLSTMConfig
 from ..layers import GatedFFN, LayerNorm
 from ..layers.common import run_block, small_init_, wang_init_
 from ..layers.head import lm_outputs
+from ..layers.slstm import forget_bias_init
 from ..model import xLSTMLM
 
 PAPER_MODELS = ("xlstm[1:0]", "xlstm[0:1]", "xlstm[1:1]", "lstm", "transformer")
+SLSTM_INITS = ("reference", "block0")
 
 
 class ResidualLSTMLM(nn.Module):
@@ -113,12 +115,19 @@ def canonical_name(name: str) -> str:
 
 
 def build_model(name: str, vocab_size: int, width: int = 64, num_blocks: int = 2, num_heads: int = 4,
-                context_length: int = 256) -> nn.Module:
+                context_length: int = 256, slstm_init: str = "reference") -> nn.Module:
     """A freshly initialized model ``name`` with embedding width ``width`` and ``num_blocks`` blocks/layers.
 
     xLSTM: mLSTM and sLSTM blocks with ``num_heads`` heads each (the mLSTM inner width is 2 * width rounded
     up to 64); the Transformer uses heads of width 16 (width // 16 heads).
+
+    ``slstm_init``: "reference" keeps the reference's depth-dependent sLSTM forget-gate biases
+    ("powerlaw_blockdependent": the deeper the block, the more of its units start with long memory);
+    "block0" gives every sLSTM block the profile of block 0 (most units start forgetting fast), whatever
+    its depth. Other models ignore it.
     """
+    if slstm_init not in SLSTM_INITS:
+        raise ValueError(f"slstm_init must be one of {', '.join(SLSTM_INITS)}, got {slstm_init!r}")
     for arg, value in (("vocab_size", vocab_size), ("width", width), ("num_blocks", num_blocks), ("num_heads", num_heads)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"build_model: {arg} must be a positive integer, got {value!r}")
@@ -135,7 +144,14 @@ def build_model(name: str, vocab_size: int, width: int = 64, num_blocks: int = 2
     if key == "reslstm":
         return ResidualLSTMLM(config)
     ratio = key[len("xlstm["):-1]
-    return xLSTMLM(replace(config, slstm_at=slstm_positions(num_blocks, ratio)))
+    model = xLSTMLM(replace(config, slstm_at=slstm_positions(num_blocks, ratio)))
+    if slstm_init == "block0":
+        for block in model.blocks:
+            if block.kind == "s":
+                layer = block.layer
+                with torch.no_grad():
+                    layer.bias[width:2 * width] = forget_bias_init(layer.config, layer.head_dim, 0).repeat(layer.num_heads)
+    return model
 
 
-__all__ = ["PAPER_MODELS", "ResidualLSTMLM", "build_model", "canonical_name"]
+__all__ = ["PAPER_MODELS", "SLSTM_INITS", "ResidualLSTMLM", "build_model", "canonical_name"]

@@ -30,7 +30,7 @@ from torch import nn
 from ..train.engine import Engine, EngineConfig
 from ..train.schedule import CosineSchedule
 from .formal import TASKS, FormalTask, get_task
-from .models import build_model, canonical_name
+from .models import SLSTM_INITS, build_model, canonical_name
 from .mqar import MQARTask
 
 Task = Union[FormalTask, MQARTask]
@@ -70,12 +70,15 @@ class CellSpec:
     mqar_vocab: int = 64
     supervision: str = "prefix"  # training targets of classification tasks: "prefix" (every position) or "last"
     schedule: str = "cosine"  # learning rate after the 5% warm-up: "cosine" (to 10% of lr) or "constant"
+    slstm_init: str = "reference"  # sLSTM forget-gate biases: "reference" (depth-dependent) or "block0" (see models)
 
     def __post_init__(self):
         if self.supervision not in ("prefix", "last"):
             raise ValueError(f"supervision must be 'prefix' or 'last', got {self.supervision!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.slstm_init not in SLSTM_INITS:
+            raise ValueError(f"slstm_init must be one of {', '.join(SLSTM_INITS)}, got {self.slstm_init!r}")
 
     def key(self) -> tuple:
         return tuple(str(v) for v in asdict(self).values())
@@ -153,7 +156,8 @@ def run_cell(spec: CellSpec, max_seconds: Optional[float] = None, log: Callable[
     task = make_task(spec)
     torch.manual_seed(spec.seed)
     context = spec.mqar_context if spec.task == "mqar" else 2 * spec.test_max_len + 1
-    model = build_model(spec.model, task.vocab_size, spec.width, spec.num_blocks, context_length=context)
+    model = build_model(spec.model, task.vocab_size, spec.width, spec.num_blocks, context_length=context,
+                        slstm_init=spec.slstm_init)
     classifier_head(model, task.num_classes)
     engine = Engine(model, lr_schedule(spec.lr, spec.steps, spec.schedule),
                     options.engine_config(weight_decay=spec.weight_decay, betas=(0.9, 0.98), grad_clip=1.0))
@@ -279,8 +283,8 @@ def run_grid(specs: list[CellSpec], out_dir: Union[str, Path], max_seconds: Opti
 # ---------------------------------------------------------------------------------------------------------
 # report: markdown table and heat-map
 # ---------------------------------------------------------------------------------------------------------
-_SETTING_FIELDS = ("width", "num_blocks", "steps", "batch_size", "lr", "schedule", "train_max_len", "test_min_len",
-                   "test_max_len")
+_SETTING_FIELDS = ("width", "num_blocks", "steps", "batch_size", "lr", "weight_decay", "schedule", "slstm_init",
+                   "train_max_len", "test_min_len", "test_max_len")
 
 
 def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict]:
@@ -295,7 +299,8 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict]:
                 else r["task"])
         model = r["model"]
         if len(settings) > 1:
-            model += " (" + ",".join(f"{k}={r.get(k, '')}" for k in ("width", "steps", "batch_size", "lr", "schedule")) + ")"
+            model += " (" + ",".join(f"{k}={r.get(k, '')}" for k in ("width", "steps", "batch_size", "lr", "weight_decay", "schedule", "slstm_init")
+                                  if not (k == "slstm_init" and r.get(k, "reference") == "reference")) + ")"
         if model not in models:
             models.append(model)
         if task not in tasks:

@@ -295,10 +295,9 @@ def scaling_plot(rows: list[dict], fitted: dict, path: Union[str, Path]) -> None
                 xs = np.geomspace(min(x), max(x), 50)
                 ax.plot(xs, a * xs ** b, "-", color=color, alpha=0.7, label=f"{arch}: x^{b:.3f}")
             ax.set_xscale("log")
-            ax.set_yscale("log")
             ax.set_xlabel(label)
             ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("validation loss (nats/byte)")
+    axes[0].set_ylabel("validation loss (nats/byte; fits: a x^b)")
     for ax in axes:
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=110, bbox_inches="tight")
