@@ -9,7 +9,8 @@ Conventions (all backends follow them exactly, so they agree to rounding):
 * The output of step t is stabilized by m_hat_t = max(m_t, M_FLOOR): a lower floor on the stabilizer keeps
   exp(-m_hat) finite (and gate gradients free of NaN) for any gate values; since numerator and denominator
   are scaled by the same exp(-m_hat), the floor only changes where eps enters.
-* No gradient flows through m (it is a constant of the computation).
+* Inside a call no gradient flows through m (it is a constant of the computation; see the last point for
+  the returned state).
 * Gate maths and states are float32 (float64 for float64 inputs) whatever the input dtype.
 * Packed documents (``cu_seqlens``, see ``openxlstm.ops.packing``): at every document start except a row's
   first token the state becomes the initial one (C = 0, n = 0, m = 0) before the token is read, so each
@@ -17,7 +18,7 @@ Conventions (all backends follow them exactly, so they agree to rounding):
   reset: it wipes the state, and since then m_t = i_t whatever m_{t-1} was, it equals a fresh start exactly.
   The parallel and chunkwise forms treat both as segment starts: their cumulative log forget gates restart
   there (no -inf - -inf), keys attend only within their segment, and a fresh start's zero state still enters
-  the stabilizer with log weight log f_start + ... (as the initial m = 0 does in the recurrence).
+  the stabilizer with log weight sum_{r in [start, t]} log f_r (as the initial m = 0 does in the recurrence).
 * Returned states and their gradients: the state is returned as stored (C, n scaled by exp(-m)), and its
   gradients are those of the stored values: m carries the gradient of the running max that defines it (the
   input gate or forget gates on its arg-max path), and C, n the matching -C dm, -n dm terms
