@@ -296,6 +296,7 @@ def speed_plot(rows: list[dict], path: Union[str, Path]) -> None:
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle("generation speed: " + "; ".join(d for d, _ in groups), fontsize=9)
+    fig.subplots_adjust(wspace=0.35)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
