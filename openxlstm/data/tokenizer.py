@@ -80,12 +80,22 @@ class HFTokenizer:
             raise UserError(f"cannot read tokenizer {str(path)!r}: {e}") from None
 
     def encode(self, text: str) -> np.ndarray:
-        dtype = np.uint16 if self.vocab_size <= 65535 else np.uint32
-        return np.asarray(self.tokenizer.encode(text).ids, dtype=dtype)
+        return self._ids([self._run(self.tokenizer.encode, text)])[0]
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return self._ids(self._run(self.tokenizer.encode_batch, texts))
+
+    def _ids(self, encodings) -> list[np.ndarray]:
         dtype = np.uint16 if self.vocab_size <= 65535 else np.uint32
-        return [np.asarray(e.ids, dtype=dtype) for e in self.tokenizer.encode_batch(texts)]
+        return [np.asarray(e.ids, dtype=dtype) for e in encodings]
+
+    @staticmethod
+    def _run(encode, texts):
+        try:
+            return encode(texts)
+        except Exception as e:  # the Rust library raises plain Exceptions, e.g. a WordLevel without unk_token
+            raise UserError(f"the tokenizer cannot encode this text ({str(e).strip().splitlines()[0]}); a word-level "
+                            f"tokenizer needs an unknown token (unk_token) for words outside its vocabulary") from None
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids if int(i) != self.eod_id], skip_special_tokens=False)
