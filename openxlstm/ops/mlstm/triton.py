@@ -431,6 +431,23 @@ def _bwd_dq(
 
 
 @triton.jit
+def _key_block(Bc, IG, SEG, MS, bh, c, kb, NC, S, L: tl.constexpr, LB: tl.constexpr):
+    """The key sub-block kb of chunk c in the backward: its positions (cols), their mask, cumulative log
+    forget gates, input gates and segment ids, the index of the next chunk's state (nxt), and e, each key's
+    weight in the chunk-end state (0 for keys outside the chunk end's segment)."""
+    gbase = bh * NC * L
+    cols = c * L + kb * LB + tl.arange(0, LB)
+    b_s = tl.load(Bc + gbase + cols)
+    ig_s = tl.load(IG + gbase + cols)
+    seg_s = tl.load(SEG + gbase + cols)
+    nxt = bh * (NC + 1) + c + 1
+    last = gbase + c * L + L - 1
+    e = tl.exp(tl.load(Bc + last) - b_s + ig_s - tl.load(MS + nxt))
+    e = tl.where(seg_s == tl.load(SEG + last), e, 0.0)  # only the chunk end's segment enters its state
+    return cols, cols < S, b_s, ig_s, seg_s, nxt, e
+
+
+@triton.jit
 def _bwd_dk(
     Q, K, V, IG, Bc, SEG, DH, BETA, STATS, MS, DCS, DNS, DK, KDK,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sob, soh, sos,
@@ -450,17 +467,9 @@ def _bwd_dk(
     vbase = V + (bh // NH) * svb + (bh % NH) * svh
     dbase = DH + (bh // NH) * sdb + (bh % NH) * sdh
     gbase = bh * NC * L
-    cols = c * L + kb * LB + tl.arange(0, LB)
-    mc = cols < S
+    cols, mc, b_s, ig_s, seg_s, nxt, e = _key_block(Bc, IG, SEG, MS, bh, c, kb, NC, S, L, LB)
     offs_k = pk * BK + tl.arange(0, BK)
     mk = offs_k < DQK
-    b_s = tl.load(Bc + gbase + cols)
-    ig_s = tl.load(IG + gbase + cols)
-    seg_s = tl.load(SEG + gbase + cols)
-    nxt = bh * (NC + 1) + c + 1
-    last = gbase + c * L + L - 1
-    e = tl.exp(tl.load(Bc + last) - b_s + ig_s - tl.load(MS + nxt))
-    e = tl.where(seg_s == tl.load(SEG + last), e, 0.0)  # only the chunk end's segment enters its state
 
     # the state at the chunk's end: e (v dC^T + dn)
     dk = tl.zeros([LB, BK], dtype=tl.float32)
@@ -507,17 +516,9 @@ def _bwd_dv(
     kbase = K + (bh // NH) * skb + (bh % NH) * skh
     dbase = DH + (bh // NH) * sdb + (bh % NH) * sdh
     gbase = bh * NC * L
-    cols = c * L + kb * LB + tl.arange(0, LB)
-    mc = cols < S
+    cols, mc, b_s, ig_s, seg_s, nxt, e = _key_block(Bc, IG, SEG, MS, bh, c, kb, NC, S, L, LB)
     offs_v = pv * BV + tl.arange(0, BV)
     mv = offs_v < DV
-    b_s = tl.load(Bc + gbase + cols)
-    ig_s = tl.load(IG + gbase + cols)
-    seg_s = tl.load(SEG + gbase + cols)
-    nxt = bh * (NC + 1) + c + 1
-    last = gbase + c * L + L - 1
-    e = tl.exp(tl.load(Bc + last) - b_s + ig_s - tl.load(MS + nxt))
-    e = tl.where(seg_s == tl.load(SEG + last), e, 0.0)
 
     # the state at the chunk's end: e (k dC)
     dv = tl.zeros([LB, BV], dtype=tl.float32)
