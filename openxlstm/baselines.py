@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import check_field_types
-from .layers.common import run_block
+from .layers.common import RMSNorm, run_block
 from .layers.head import check_input_ids, lm_outputs
 from .ops.packing import check_cu_seqlens, doc_starts, last_start
 
@@ -267,17 +267,6 @@ class KVCache(NamedTuple):
 
     k: torch.Tensor
     v: torch.Tensor
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:

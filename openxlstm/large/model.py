@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import check_field_types
 from ..layers.backends import Backends
-from ..layers.common import run_block, small_init_, wang_init_
+from ..layers.common import MultiHeadNorm, RMSNorm, run_block, small_init_, wang_init_
 from ..layers.head import LMOutput, check_input_ids
 from ..ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from ..ops.mlstm import mLSTMState, mlstm, mlstm_decode
@@ -119,46 +119,6 @@ class xLSTMLargeConfig:
         return cls(**data)
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) over the last dimension (reduced in float32 when ``force_float32``), then weight (+ bias)."""
-
-    def __init__(self, dim: int, eps: float, bias: bool = False, force_float32: bool = True):
-        super().__init__()
-        self.eps, self.force_float32 = eps, force_float32
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-
-    def reset_parameters(self):
-        nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float() if self.force_float32 else x, (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
-        return y if self.bias is None else y + self.bias
-
-
-class MultiHeadLayerNorm(nn.Module):
-    """LayerNorm of each head separately (no affine), then one weight (+ bias) over all heads.
-    (..., NH, d) -> (..., NH * d)."""
-
-    def __init__(self, num_heads: int, head_dim: int, eps: float, bias: bool = False, force_float32: bool = True):
-        super().__init__()
-        self.eps, self.force_float32 = eps, force_float32
-        self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
-        self.bias = nn.Parameter(torch.zeros(num_heads * head_dim)) if bias else None
-
-    def reset_parameters(self):
-        nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.float() if self.force_float32 else x, (x.shape[-1],), eps=self.eps).to(x.dtype)
-        y = y.flatten(-2) * self.weight
-        return y if self.bias is None else y + self.bias
-
-
 class mLSTMLargeLayer(nn.Module):
     """q, k (qk_dim), v and the output gate (v_dim), and one input and one forget gate per head, all linear in
     x; gates soft-capped; the mLSTM cell over heads; per-head LayerNorm; sigmoid output gate; out projection.
@@ -184,7 +144,7 @@ class mLSTMLargeLayer(nn.Module):
         else:
             self.qkv_opreact = nn.Linear(E, 2 * QK + 2 * V, bias=bias)
             self.ifgate_preact = nn.Linear(E, 2 * NH, bias=True)
-        self.multihead_norm = MultiHeadLayerNorm(NH, V // NH, config.norm_eps, bias, config.norm_reduction_force_float32)
+        self.multihead_norm = MultiHeadNorm(NH, V // NH, config.norm_eps, bias, config.norm_reduction_force_float32)
         self.out_proj = nn.Linear(V, E, bias=bias)
 
     def reset_parameters(self):
@@ -476,5 +436,5 @@ class xLSTMLargeLM(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
 
-__all__ = ["xLSTMLargeConfig", "xLSTMLargeLM", "xLSTMLargeBlock", "mLSTMLargeLayer", "SwiGLU", "RMSNorm",
-           "MultiHeadLayerNorm", "soft_cap", "soft_capped_cross_entropy", "round_up_to_multiple"]
+__all__ = ["xLSTMLargeConfig", "xLSTMLargeLM", "xLSTMLargeBlock", "mLSTMLargeLayer", "SwiGLU",
+           "soft_cap", "soft_capped_cross_entropy", "round_up_to_multiple"]

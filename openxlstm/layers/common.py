@@ -49,23 +49,49 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) over the last dimension (reduced in float32 when ``force_float32``), then weight (+ bias).
+    Used by the Transformer baseline and xLSTM-7B."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = False, force_float32: bool = True):
+        super().__init__()
+        self.eps, self.force_float32 = eps, force_float32
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float() if self.force_float32 else x, (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+        return y if self.bias is None else y + self.bias
+
+
 class MultiHeadNorm(nn.Module):
-    """Normalize each head separately (GroupNorm with one group per head) and scale by a per-unit weight.
+    """Normalize each head separately (GroupNorm with one group per head: LayerNorm over d without affine)
+    and scale by a per-unit weight (+ bias); reduced in float32 when ``force_float32``.
 
     Input (..., NH, d) -> output (..., NH * d).
     """
 
-    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-5):
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-5, bias: bool = False,
+                 force_float32: bool = False):
         super().__init__()
-        self.num_heads, self.head_dim, self.eps = num_heads, head_dim, eps
+        self.num_heads, self.head_dim, self.eps, self.force_float32 = num_heads, head_dim, eps, force_float32
         self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
+        self.bias = nn.Parameter(torch.zeros(num_heads * head_dim)) if bias else None
 
     def reset_parameters(self):
         nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x, (self.head_dim,), eps=self.eps)  # per head, over d: identical to GroupNorm(NH)
-        return y.flatten(-2) * self.weight
+        y = F.layer_norm(x.float() if self.force_float32 else x, (self.head_dim,), eps=self.eps).to(x.dtype)
+        y = y.flatten(-2) * self.weight
+        return y if self.bias is None else y + self.bias
 
 
 class BlockDiagonalLinear(nn.Module):
