@@ -259,3 +259,43 @@ def test_scaling_smoke_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0
     assert "12 already in" in capsys.readouterr().out
+
+
+def test_lra_and_scaling_record_a_diverged_cell_and_go_on(tmp_path):
+    """A cell (LRA) or run (scaling) whose training loss becomes nan/inf (a learning rate of 1e10) is a row with
+    status "diverged"; the next one runs, the reports say "diverged" (LRA: last on its task; scaling: out of the
+    fits), and a rerun does not repeat it. A CSV written before the status column is upgraded when resumed."""
+    from dataclasses import replace
+
+    smoke = lra.SCALES["smoke"]
+    specs = (lra.lra_specs(["listops"], ["transformer"], [0], smoke, lr=1e10)
+             + lra.lra_specs(["listops"], ["lstm"], [0], smoke))
+    out = tmp_path / "lra"
+    rows = lra.run_lra(specs, out, log=lambda _: None)
+    assert [(r["model"], r["status"]) for r in rows] == [("transformer", "diverged"), ("lstm", "ok")]
+    saved = read_results(out / "lra.csv")
+    assert saved[0]["accuracy"] == "nan" and 0 <= float(saved[1]["accuracy"]) <= 1
+    table = (out / "lra.md").read_text()
+    assert "| lstm | " in table and "| 1.00 |" in table and "| transformer | diverged |  | 2.00 |" in table
+    assert lra.run_lra(specs, out, log=lambda _: None) == []
+    # an older lra.csv (no status column) reads as "ok" and is upgraded on resume, nothing rerun
+    old = [c for c in lra.CSV_FIELDS if c != "status"]
+    with (out / "lra.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old)
+        w.writeheader()
+        w.writerow({k: saved[1][k] for k in old})
+    assert [r["model"] for r in read_results(out / "lra.csv")] == ["lstm"]
+    assert lra.run_lra(specs[1:], out, log=lambda _: None) == []
+    assert (out / "lra.csv.bak").is_file() and _rows(out / "lra.csv")[0]["status"] == "ok"
+
+    one = replace(scaling.SCALES["smoke"], widths=(16,))
+    specs = (scaling.scaling_specs(["transformer"], one, lr=1e10, steps=4)
+             + scaling.scaling_specs(["xlstm[1:0]"], replace(one, widths=(16, 24)), steps=4))
+    out = tmp_path / "scaling"
+    rows = scaling.run_scaling(specs, out, log=lambda _: None, max_bytes=500_000)
+    assert [r["status"] for r in rows] == ["diverged", "ok", "ok"]
+    assert rows[0]["val_loss"] == "nan" and int(rows[0]["params"]) > 0
+    text = (out / "scaling.md").read_text()
+    assert "| diverged | diverged |" in text and "| xlstm[1:0] | " in text and "| transformer | " not in text.split(
+        "Fitted")[1]  # the transformer's only run diverged: no fit
+    assert scaling.run_scaling(specs, out, log=lambda _: None, max_bytes=500_000) == []

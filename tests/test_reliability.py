@@ -5,7 +5,9 @@ import argparse
 import csv
 import errno
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,19 +28,22 @@ from openxlstm.train import (CosineSchedule, Engine, EngineConfig, TrainConfig, 
 from openxlstm.train import checkpoint as ckpt_mod
 from openxlstm.train.rundir import RunLock
 from openxlstm.baselines import LSTMConfig, TransformerConfig
-from openxlstm.experiments.runner import CSV_FIELDS, CellSpec, append_result, read_results
+from openxlstm.experiments import runner
+from openxlstm.experiments.runner import CSV_FIELDS, CellSpec, append_result, read_results, run_grid
 from openxlstm.large.model import xLSTMLargeConfig
 
 
 def grid_row(seed, score="0.5"):
     spec = asdict(CellSpec(task="parity", model="lstm", seed=seed, steps=3))
     return {**spec, "params": 10, "steps_done": 3, "final_loss": 0.7, "train_accuracy": 0.5, "accuracy": 0.5,
-            "chance": 0.5, "scaled_accuracy": 0.0, "score": score, "seconds": 1.0, "finished_at": "2026-01-01T00:00:00"}
+            "chance": 0.5, "scaled_accuracy": 0.0, "score": score, "seconds": 1.0, "finished_at": "2026-01-01T00:00:00",
+            "status": "ok"}
 
 
 def test_grid_results_count_only_whole_finite_rows(tmp_path):
-    """A diverged cell (score nan) and a row cut short by a crash are not results: a rerun runs them again, and
-    a row appended after a cut line starts on a line of its own."""
+    """A nan score without the "diverged" status (as versions before the status column wrote a diverged cell) and
+    a row cut short by a crash are not results: a rerun runs them again, and a row appended after a cut line
+    starts on a line of its own."""
     path = tmp_path / "results.csv"
     append_result(path, grid_row(0))
     append_result(path, grid_row(1, score="nan"))
@@ -51,9 +56,119 @@ def test_grid_results_count_only_whole_finite_rows(tmp_path):
     with path.open(newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == CSV_FIELDS and rows[-1][2] == "3" and len(rows[-1]) == len(CSV_FIELDS)
+    data = path.read_bytes()
+    assert data.endswith(b",ok\r\n")
+    path.write_bytes(data[:-4])  # cut right after the comma before the status: not a result either
+    assert [r["seed"] for r in read_results(path)] == ["0"]
     ablation = tmp_path / "ablation.csv"  # the ablation's CSV: its score is val_bpb
     ablation.write_text("model,val_bpb,finished_at\nlstm,2.5,t\nreslstm,nan,t\nxlstm,2.4,\n")
     assert [r["model"] for r in read_results(ablation)] == ["lstm"]
+
+
+GRID_TINY = dict(width=16, steps=4, batch_size=8, train_max_len=6, test_min_len=7, test_max_len=9, eval_batches=1,
+                 eval_batch_size=4)
+
+
+def test_a_diverged_grid_cell_is_recorded_and_the_grid_goes_on(tmp_path, capsys):
+    """A cell whose training loss becomes nan/inf (here: a learning rate of 1e10) is a row with status "diverged"
+    (score nan, no accuracies); the grid trains the next cell, the table and heat-map say "diverged", and a rerun
+    does not run it again. The same through the command line: exit status 0, the row written."""
+    bad = CellSpec(task="parity", model="xlstm[0:1]", lr=1e10, **GRID_TINY)
+    good = CellSpec(task="parity", model="xlstm[0:1]", **GRID_TINY)
+    logs = []
+    rows = run_grid([bad, good], tmp_path, log=logs.append)
+    assert [r["status"] for r in rows] == ["diverged", "ok"]
+    saved = read_results(tmp_path / "results.csv")
+    assert [(float(r["lr"]), r["status"]) for r in saved] == [(1e10, "diverged"), (1e-3, "ok")]
+    assert saved[0]["score"] == "nan" and saved[0]["accuracy"] == "" and int(saved[0]["steps_done"]) < 4
+    assert math.isfinite(float(saved[1]["score"])) and int(saved[1]["steps_done"]) == 4
+    assert any("diverged: the training loss is" in line for line in logs)
+    table = (tmp_path / "results.md").read_text()
+    assert "lr=10000000000.0" in table and "| diverged |" in table and (tmp_path / "heatmap.png").is_file()
+    assert run_grid([bad, good], tmp_path, log=logs.append) == []  # a diverged cell is finished: not rerun
+    assert any("2 cells, 2 already in" in line for line in logs)
+    # several seeds: the diverged ones are counted, not averaged
+    assert runner._cell_text([math.nan]) == "diverged"
+    assert runner._cell_text([math.nan, math.nan]) == "diverged (n=2)"
+    assert runner._cell_text([0.5, math.nan]) == "0.50 (1 diverged)"
+    assert runner._cell_text([0.5, 0.7, math.nan]) == "0.60 ± 0.14, max 0.70 (n=2, 1 diverged)"
+    out = tmp_path / "cli"
+    args = ["experiment", "grid", "--tasks", "parity", "--models", "xlstm[0:1]", "--width", "16", "--steps", "4",
+            "--batch-size", "8", "--train-max-len", "6", "--test-lengths", "7-9", "--eval-batches", "1",
+            "--eval-batch-size", "4", "--lr", "1e10", "--out", str(out)]
+    assert main(args) == 0
+    assert [r["status"] for r in read_results(out / "results.csv")] == ["diverged"]
+    assert "| xlstm[0:1] | diverged |" in (out / "results.md").read_text()
+    capsys.readouterr()
+    assert main(args) == 0 and "1 already in" in capsys.readouterr().out
+
+
+def test_a_weight_gone_nan_is_divergence_too():
+    """``fit_or_diverge``: a weight that is nan after training (every loss finite) is divergence as well."""
+    model = runner.build_model("lstm", 8, width=8, num_blocks=1, context_length=8)
+    engine = Engine(model, CosineSchedule(lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=4),
+                    EngineConfig(device="cpu"))
+    batch = (torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
+    logs = []
+    assert runner.fit_or_diverge(engine, lambda step: batch, 1, log=logs.append) is not None
+    train_step = engine.train_step
+
+    def step_then_break(*args):  # the loss is finite, the update leaves a nan weight
+        loss = train_step(*args)
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("nan")
+        return loss
+
+    engine.train_step = step_then_break
+    assert runner.fit_or_diverge(engine, lambda step: batch, 2, log=logs.append) is None
+    assert "a weight is nan or inf at step 2" in logs[-1]
+
+
+def test_old_grid_csv_without_status_is_read_and_upgraded(tmp_path):
+    """A results.csv written before the status column: its finite rows are results ("ok"), its nan rows are not
+    (they run again); resuming rewrites it with the column (the original kept as .bak)."""
+    old_fields = [c for c in CSV_FIELDS if c != "status"]
+    path = tmp_path / "results.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_fields)
+        w.writeheader()
+        for seed, score in ((0, "0.5"), (1, "nan")):
+            w.writerow({k: v for k, v in grid_row(seed, score).items() if k in old_fields})
+    assert [r["seed"] for r in read_results(path)] == ["0"] and "status" not in read_results(path)[0]
+    assert runner.write_report(tmp_path, log=lambda _: None) is not None  # the report reads it as it is
+    assert [r["status"] for r in runner.upgrade_results(path)] == ["ok"]
+    assert (tmp_path / "results.csv.bak").is_file()
+    with path.open(newline="") as f:
+        assert next(csv.reader(f)) == CSV_FIELDS
+
+
+def test_a_diverged_ablation_rung_is_recorded_and_a_cut_line_is_not_joined(tmp_path):
+    """ablation.csv: a rung that diverges is a row with status "diverged" (shown as such; not rerun), and a row
+    appended after a last line cut short by a crash (no newline) starts on a line of its own (the grid's writer,
+    ``results.append_row``)."""
+    from openxlstm.experiments import ablation, results
+
+    assert ablation.append_row is results.append_row and runner.append_row is results.append_row
+    tiny = dict(width=16, num_blocks=2, seq_len=16, batch_size=2, steps=3, eval_tokens=64, max_bytes=200_000)
+    logs = []
+    rows = ablation.run_ablation(["xlstm[0:1]"], tmp_path, log=logs.append, lr=1e10, **tiny)
+    assert [r["status"] for r in rows] == ["diverged"]
+    rows = ablation.run_ablation(["lstm"], tmp_path, log=logs.append, **tiny)  # the ladder goes on
+    assert [r["status"] for r in rows] == ["ok"]
+    path = tmp_path / "ablation.csv"
+    saved = read_results(path)
+    assert [(r["model"], r["status"]) for r in saved] == [("xlstm[0:1]", "diverged"), ("lstm", "ok")]
+    assert saved[0]["val_bpb"] == "nan" and "| diverged |" in (tmp_path / "ablation.md").read_text()
+    assert ablation.run_ablation(["xlstm[0:1]"], tmp_path, log=logs.append, lr=1e10, **tiny) == []  # not rerun
+    # a crash cut the last line short: the next row must not be glued to it
+    text = path.read_bytes()
+    path.write_bytes(text[:-12])  # mid-way through lstm's row, no newline at the end
+    again = ablation.run_ablation(["lstm", "reslstm"], tmp_path, log=logs.append, **tiny)
+    assert [r["model"] for r in again] == ["lstm", "reslstm"]  # lstm's row was cut: it runs again
+    with path.open(newline="") as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == ablation.CSV_FIELDS and all(len(line) == len(ablation.CSV_FIELDS) for line in lines[-2:])
+    assert [r["model"] for r in read_results(path)] == ["xlstm[0:1]", "lstm", "reslstm"]
 
 
 @pytest.mark.parametrize("make", [
@@ -198,7 +313,49 @@ def test_help_of_every_option(capsys):
         help_text = sub.choices[name].format_help()
         assert "(default: 200)" in help_text if name == "generate" else True
     grid = sub.choices["experiment"]._actions[-1].choices["grid"].format_help()
-    assert "--eval-batch-size EVAL_BATCH_SIZE\n                        (default: 64)" in grid
+    assert "--eval-batch-size EVAL_BATCH_SIZE\n                        sequences per test batch (default: 64)" in grid
+
+
+def _options_without_help(parser: argparse.ArgumentParser) -> list[str]:
+    """The options of ``parser`` (but -h) whose help, as ``--help`` shows it, does not say what the option does
+    (a few words besides the default) and its default ("default" in the text; a required option: "required")."""
+    formatter = parser._get_formatter()
+    bad = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        what = re.sub(r"\(?(the )?default[^)]*\)?", "", (action.help or "").replace("%(default)s", ""))
+        shown = formatter._expand_help(action) if action.help else ""
+        says_default = "default" in shown.lower() or (action.required and "required" in shown.lower())
+        if len(what.split()) < 2 or not says_default:
+            bad.append(f"{parser.prog.split()[-1]} {action.option_strings[-1]}")
+    return bad
+
+
+def test_every_experiment_option_says_what_it_does_and_its_default(capsys):
+    """``openxlstm experiment <name> --help`` for every experiment subcommand: each option has a help text that
+    says what it does and its default (argparse's %(default)s, which the help formatter adds when the text does
+    not mention a default, or in words: an option whose default is None or off must say it)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    experiment = sub.choices["experiment"]
+    names = next(a for a in experiment._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"grid", "ablation", "lra", "speed", "scaling", "report"} <= set(names)
+    offending = []
+    for name, p in names.items():
+        offending += _options_without_help(p)
+        with pytest.raises(SystemExit):  # --help itself renders (no stray % in a help text)
+            main(["experiment", name, "--help"])
+        assert "--out" in capsys.readouterr().out
+    assert offending == []
+    # the check fails where it should: no help, a bare default, a default of None not said in words
+    probe = cli._Parser(prog="openxlstm experiment probe")
+    probe.add_argument("--bare", type=int, default=3)
+    probe.add_argument("--silent", type=int, default=None, help="stop after this many minutes")
+    probe.add_argument("--flag", action="store_true", help="turn something on")
+    probe.add_argument("--out", required=True, help="output folder")
+    probe.add_argument("--fine", type=int, default=3, help="number of things")
+    assert _options_without_help(probe) == ["probe --bare", "probe --silent", "probe --flag", "probe --out"]
 
 
 # ---------------------------------------------------------------------------------------------------------

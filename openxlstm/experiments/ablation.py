@@ -8,14 +8,14 @@ context and learning rate):
   4. "xlstm[7:1]"  + matrix memory: mLSTM blocks with one sLSTM block in eight (needs num_blocks >= 8 to
                    be a true 7:1; fewer blocks still place one sLSTM block)
 Data: the training issue's default corpus (pydoc topics + stdlib sources), byte-level, its train/val split.
-Each rung is one row of ``ablation.csv`` (resumable like the grids: finished rungs are skipped). Rungs train
+Each rung is one row of ``ablation.csv`` (resumable like the grids: finished rungs are skipped; a rung whose
+training diverges is a row with ``status`` "diverged", shown as such, and the ladder goes on). Rungs train
 through the training engine (``openxlstm/train/engine.py``): AdamW (0.9, 0.95), 5% warm-up then cosine to
 10% of the lr, clipping 1.0, the model's own loss ``model(x, labels=y).loss``.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -29,7 +29,8 @@ from ..data import ByteTokenizer, default_corpus, split_documents
 from ..train.engine import Engine
 from ..train.schedule import CosineSchedule
 from .models import build_model, canonical_name
-from .runner import RunOptions, read_results
+from .results import DIVERGED, OK, STATUS, append_row, is_diverged, read_results, upgrade_csv
+from .runner import RunOptions, fit_or_diverge
 
 LADDER = ("lstm", "reslstm", "xlstm[0:1]", "xlstm[7:1]")
 LADDER_LABELS = {
@@ -58,7 +59,8 @@ class AblationSpec:
 
 
 SPEC_FIELDS = [f.name for f in fields(AblationSpec)]
-CSV_FIELDS = SPEC_FIELDS + ["params", "tokens_seen", "steps_done", "train_loss", "val_bpb", "seconds", "finished_at"]
+CSV_FIELDS = SPEC_FIELDS + ["params", "tokens_seen", "steps_done", "train_loss", "val_bpb", "seconds", "finished_at",
+                            STATUS]
 
 
 def load_bytes(max_bytes: int = 8_000_000) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +85,8 @@ def val_batches(val: np.ndarray, seq_len: int, max_tokens: int, batch_size: int 
 
 def run_rung(spec: AblationSpec, train: np.ndarray, val: np.ndarray, max_seconds: Optional[float] = None,
              log: Callable[[str], None] = print, log_every: int = 50, options: RunOptions = RunOptions()) -> dict:
-    """Train one rung from scratch on random windows of ``train``; returns its CSV row."""
+    """Train one rung from scratch on random windows of ``train``; returns its CSV row (``status`` "diverged",
+    val_bpb nan, when the training loss or a weight became nan or inf)."""
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, 256, spec.width, spec.num_blocks, context_length=spec.seq_len)
     schedule = CosineSchedule(lr=spec.lr, min_lr=0.1 * spec.lr, warmup_steps=max(1, spec.steps // 20),
@@ -101,29 +104,36 @@ def run_rung(spec: AblationSpec, train: np.ndarray, val: np.ndarray, max_seconds
         return {"val_bpb": engine.evaluate(val_batches(val, spec.seq_len, spec.eval_tokens)).loss / math.log(2)}
 
     start = time.time()
-    run = engine.fit(batch, spec.steps, max_seconds=max_seconds, log_every=log_every, evaluate=validate,
-                     log=lambda msg: log(f"    {msg}"))
+    run = fit_or_diverge(engine, batch, spec.steps, max_seconds=max_seconds, log_every=log_every, evaluate=validate,
+                         log=lambda msg: log(f"    {msg}"))
+    row = asdict(spec)
+    if run is None or not math.isfinite(run.eval["val_bpb"]):
+        row.update(params=model.num_params(), tokens_seen=engine.step * spec.batch_size * spec.seq_len,
+                   steps_done=engine.step, val_bpb="nan", seconds=round(time.time() - start, 1),
+                   finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), status=DIVERGED)
+        log(f"    {spec.model}: diverged")
+        return row
     ema = None
     for loss in run.losses:  # the reported training loss: an exponential moving average over the steps
         ema = loss if ema is None else 0.95 * ema + 0.05 * loss
     bpb = run.eval["val_bpb"]
-    row = asdict(spec)
     row.update(params=model.num_params(), tokens_seen=run.step * spec.batch_size * spec.seq_len, steps_done=run.step,
                train_loss=round(ema / math.log(2), 4), val_bpb=round(bpb, 4), seconds=round(time.time() - start, 1),
-               finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+               finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), status=OK)
     log(f"    {spec.model}: validation {bpb:.4f} bits/byte ({model.num_params():,} parameters)")
     return row
 
 
 def ablation_table(rows: list[dict]) -> str:
-    """The ladder as a markdown table, rungs in ladder order."""
+    """The ladder as a markdown table, rungs in ladder order ("diverged" for a rung whose training diverged)."""
     order = {m: j for j, m in enumerate(LADDER)}
     rows = sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"], int(r["seed"])))
     lines = ["| rung | model | width x blocks | params | steps | tokens | val bits/byte |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         label = LADDER_LABELS.get(r["model"], r["model"])
+        bpb = DIVERGED if is_diverged(r) else f"{float(r['val_bpb']):.4f}"
         lines.append(f"| {label} | {r['model']} | {r['width']} x {r['num_blocks']} | {int(r['params']):,} | {r['steps_done']} | "
-                     f"{int(r['tokens_seen']):,} | {float(r['val_bpb']):.4f} |")
+                     f"{int(r['tokens_seen']):,} | {bpb} |")
     return "\n".join(lines)
 
 
@@ -135,7 +145,7 @@ def run_ablation(models: list[str], out_dir: Union[str, Path], max_seconds: Opti
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "ablation.csv"
     specs = [AblationSpec(model=canonical_name(m), **settings) for m in models]
-    existing = read_results(csv_path)
+    existing = upgrade_csv(csv_path, CSV_FIELDS, {STATUS: OK})  # older CSVs: no status column
     done = {tuple(r[k] for k in SPEC_FIELDS) for r in existing}
     todo = [s for s in specs if tuple(str(v) for v in asdict(s).values()) not in done]
     log(f"{len(specs)} rungs, {len(specs) - len(todo)} already in {csv_path}, {len(todo)} to run")
@@ -146,12 +156,7 @@ def run_ablation(models: list[str], out_dir: Union[str, Path], max_seconds: Opti
     for j, spec in enumerate(todo):
         log(f"[{j + 1}/{len(todo)}] {LADDER_LABELS.get(spec.model, spec.model)}: {spec.model}")
         row = run_rung(spec, train, val, max_seconds=max_seconds, log=log, log_every=log_every, options=options)
-        new = not csv_path.exists() or csv_path.stat().st_size == 0
-        with csv_path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_row(csv_path, row, CSV_FIELDS)  # after a line cut short by a crash: on a new line
         new_rows.append(row)
     table = ablation_table(read_results(csv_path))
     (out_dir / "ablation.md").write_text("# LM ablation ladder (validation bits per byte)\n\n" + table + "\n")

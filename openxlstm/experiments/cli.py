@@ -46,13 +46,25 @@ def _ints(text: str) -> list[int]:
 def _add_run_options(p) -> None:
     """How cells / rungs run (not part of a result's key in the CSV: keep one --out per device and dtype)."""
     g = p.add_argument_group("hardware (the training engine's options)")
-    g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    g.add_argument("--device", default="cpu", help="where to train: cpu (the default), cuda, cuda:N or auto (a GPU "
+                                                   "when present)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="autocast dtype (auto: bf16 on GPU, float32 on CPU)")
+                   help="autocast dtype (default: auto, which is bf16 on GPU and float32 on CPU)")
     g.add_argument("--compile", nargs="?", const="inductor", default=False, metavar="BACKEND",
-                   help="torch.compile each model (BACKEND: inductor, the default, or e.g. aot_eager)")
+                   help="torch.compile each model (default: off; BACKEND: inductor when left out, or e.g. aot_eager)")
     g.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each block's forward during backward (less memory, same results)")
+                   help="recompute each block's forward during backward: less memory, same results (default: off)")
+
+
+def _scale_values(scales: dict, field: str) -> str:
+    """A field's value at each --scale, for a help text: "smoke 16, cpu 64, paper 128"."""
+    def text(v) -> str:
+        return ",".join(str(x) for x in v) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else str(v)
+    return ", ".join(f"{name} {text(getattr(scale, field))}" for name, scale in scales.items())
+
+
+_MAX_MINUTES = "stop training each {} after this many minutes (default: no limit; the steps decide)"
+_LOG_EVERY = "print the training loss every this many steps (default: %(default)s)"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -69,10 +81,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds (default: 0)")
     g.add_argument("--width", type=int, default=64, help="embedding width of every model (default 64)")
     g.add_argument("--num-blocks", type=int, default=2, help="blocks / layers of every model (default 2, as the paper)")
-    g.add_argument("--steps", type=int, default=1000, help="training steps per cell")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--steps", type=int, default=1000, help="training steps per cell (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=64, help="training sequences per step (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW weight decay on the weight matrices (default: %(default)s)")
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                    help="learning rate after a linear warm-up over the first 5%% of the steps: 'cosine' decays to "
                         "10%% of --lr at the last step (default), 'constant' stays at --lr")
@@ -83,38 +96,43 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--test-lengths", default="41-256", help="test input lengths lo-hi (default 41-256)")
     g.add_argument("--supervision", choices=("prefix", "last"), default="prefix",
                    help="train classification tasks on every prefix's label (default) or on the final label only")
-    g.add_argument("--eval-batches", type=int, default=8, help="test batches per cell (one length each)")
-    g.add_argument("--eval-batch-size", type=int, default=64)
-    g.add_argument("--mqar-context", type=int, default=64)
-    g.add_argument("--mqar-pairs", type=int, default=8)
-    g.add_argument("--mqar-vocab", type=int, default=64)
-    g.add_argument("--max-minutes", type=float, default=None, help="stop training a cell after this many minutes")
-    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    g.add_argument("--log-every", type=int, default=100)
-    g.add_argument("--out", required=True, help="output folder: results.csv (appended), results.md, heatmap.png")
+    g.add_argument("--eval-batches", type=int, default=8,
+                   help="test batches per cell, one input length each (default: %(default)s)")
+    g.add_argument("--eval-batch-size", type=int, default=64, help="sequences per test batch (default: %(default)s)")
+    g.add_argument("--mqar-context", type=int, default=64, help="MQAR: sequence length T (default: %(default)s)")
+    g.add_argument("--mqar-pairs", type=int, default=8, help="MQAR: key-value pairs N (default: %(default)s)")
+    g.add_argument("--mqar-vocab", type=int, default=64, help="MQAR: vocabulary size V (default: %(default)s)")
+    g.add_argument("--max-minutes", type=float, default=None, help=_MAX_MINUTES.format("cell"))
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    g.add_argument("--log-every", type=int, default=100, help=_LOG_EVERY)
+    g.add_argument("--out", required=True, help="output folder (required, no default): results.csv (appended), "
+                                                "results.md, heatmap.png")
     _add_run_options(g)
 
     a = sub.add_parser("ablation", help="the LM ablation ladder at equal budgets, in validation bits per byte")
-    a.add_argument("--models", type=_list, default=list(LADDER), help=f"rungs (default: {','.join(LADDER)})")
-    a.add_argument("--width", type=int, default=128)
-    a.add_argument("--num-blocks", type=int, default=8)
-    a.add_argument("--seq-len", type=int, default=128)
-    a.add_argument("--batch-size", type=int, default=16)
-    a.add_argument("--steps", type=int, default=500)
-    a.add_argument("--lr", type=float, default=2e-3)
-    a.add_argument("--eval-tokens", type=int, default=65536, help="validation bytes scored")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--max-minutes", type=float, default=None, help="stop training a rung after this many minutes")
-    a.add_argument("--threads", type=int, default=1)
-    a.add_argument("--log-every", type=int, default=50)
-    a.add_argument("--out", required=True, help="output folder: ablation.csv (appended), ablation.md")
+    a.add_argument("--models", type=_list, default=list(LADDER),
+                   help=f"comma-separated rungs, each a model name (default: {','.join(LADDER)})")
+    a.add_argument("--width", type=int, default=128, help="embedding width of every rung (default: %(default)s)")
+    a.add_argument("--num-blocks", type=int, default=8, help="blocks / layers of every rung (default: %(default)s)")
+    a.add_argument("--seq-len", type=int, default=128, help="training context in bytes (default: %(default)s)")
+    a.add_argument("--batch-size", type=int, default=16, help="training sequences per step (default: %(default)s)")
+    a.add_argument("--steps", type=int, default=500, help="training steps per rung (default: %(default)s)")
+    a.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, AdamW (default: %(default)s)")
+    a.add_argument("--eval-tokens", type=int, default=65536, help="validation bytes scored (default: %(default)s)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the initialization and the batches (default: %(default)s)")
+    a.add_argument("--max-minutes", type=float, default=None, help=_MAX_MINUTES.format("rung"))
+    a.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    a.add_argument("--log-every", type=int, default=50, help=_LOG_EVERY)
+    a.add_argument("--out", required=True, help="output folder (required, no default): ablation.csv (appended), "
+                                                "ablation.md")
     _add_run_options(a)
 
     _add_lra_speed_scaling(sub)
 
     r = sub.add_parser("report", help="rewrite results.md and heatmap.png from a grid's results.csv")
-    r.add_argument("--out", required=True, help="the grid's output folder")
-    r.add_argument("--aggregate", choices=("mean", "max"), default="mean", help="heat-map: mean or max over seeds")
+    r.add_argument("--out", required=True, help="the grid's output folder (required, no default)")
+    r.add_argument("--aggregate", choices=("mean", "max"), default="mean",
+                   help="heat-map: mean or max over seeds (default: %(default)s)")
     return p
 
 
@@ -128,39 +146,55 @@ def _add_lra_speed_scaling(sub) -> None:
     p = sub.add_parser("lra", help="Long Range Arena: Retrieval, ListOps, Pathfinder, G-Image, RGB-Image (generated or "
                                    "shipped data; table with mean rank, PNG)")
     _scale_arg(p)
-    p.add_argument("--tasks", type=_list, default=list(lra.TASK_NAMES), help=f"from {','.join(lra.TASK_NAMES)} (default: all)")
+    p.add_argument("--tasks", type=_list, default=list(lra.TASK_NAMES),
+                   help=f"comma-separated, from {','.join(lra.TASK_NAMES)} (default: all)")
     p.add_argument("--models", type=_list, default=list(lra.DEFAULT_MODELS),
-                   help=f"model zoo names (default: {','.join(lra.DEFAULT_MODELS)})")
-    p.add_argument("--seeds", type=_ints, default=[0])
-    for name, kind in (("width", int), ("num-blocks", int), ("steps", int), ("batch-size", int), ("lr", float),
-                       ("test-examples", int)):
-        p.add_argument(f"--{name}", type=kind, default=None, help="override the scale's value")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop training a cell after this many minutes")
+                   help=f"comma-separated model zoo names (default: {','.join(lra.DEFAULT_MODELS)})")
+    p.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds (default: 0)")
+    for name, kind, what in (("width", int, "embedding width of every model"),
+                             ("num-blocks", int, "blocks / layers of every model"),
+                             ("steps", int, "training steps per cell"), ("batch-size", int, "training examples per step"),
+                             ("lr", float, "peak learning rate, AdamW"), ("test-examples", int, "test examples per cell")):
+        p.add_argument(f"--{name}", type=kind, default=None,
+                       help=f"{what} (default: the --scale's, {_scale_values(lra.SCALES, name.replace('-', '_'))})")
+    p.add_argument("--max-minutes", type=float, default=None, help=_MAX_MINUTES.format("cell"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--out", default="runs/lra", help="output folder: lra.csv (appended), lra.md, lra.png")
+    p.add_argument("--log-every", type=int, default=50, help=_LOG_EVERY)
+    p.add_argument("--out", default="runs/lra", help="output folder: lra.csv (appended), lra.md, lra.png "
+                                                     "(default: %(default)s)")
     _add_run_options(p)
 
     v = sub.add_parser("speed", help="generation time against length (batch 1) and tokens/s against batch size, "
                                      "xLSTM[1:0], xLSTM[7:1], Transformer with KV cache")
     _scale_arg(v)
-    v.add_argument("--models", type=_list, default=list(speed.MODELS), help=f"from {','.join(speed.MODELS)}")
-    v.add_argument("--device", default="auto", help="auto (a GPU when present, else the CPU), cpu, cuda, cuda:N")
+    v.add_argument("--models", type=_list, default=list(speed.MODELS),
+                   help=f"comma-separated, from {','.join(speed.MODELS)} (default: all)")
+    v.add_argument("--device", default="auto", help="where to measure: auto (the default: a GPU when present, else "
+                                                    "the CPU), cpu, cuda, cuda:N")
     v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    v.add_argument("--out", default="runs/speed", help="output folder: speed.csv (appended), speed.md, speed.png")
+    v.add_argument("--out", default="runs/speed", help="output folder: speed.csv (appended), speed.md, speed.png "
+                                                       "(default: %(default)s)")
 
     c = sub.add_parser("scaling", help="validation loss against parameters, training FLOPs and inference cost, "
                                        "xLSTM[1:0], xLSTM[7:1], Transformer; fitted power laws")
     _scale_arg(c)
-    c.add_argument("--models", type=_list, default=list(scaling.ARCHS), help=f"architectures (default: {','.join(scaling.ARCHS)})")
-    c.add_argument("--widths", type=_ints, default=None, help="override the scale's widths, e.g. 32,48,64,96")
-    for name, kind in (("num-blocks", int), ("seq-len", int), ("batch-size", int), ("steps", int), ("lr", float),
-                       ("eval-tokens", int)):
-        c.add_argument(f"--{name}", type=kind, default=None, help="override the scale's value")
-    c.add_argument("--max-minutes", type=float, default=None, help="stop training a run after this many minutes")
+    c.add_argument("--models", type=_list, default=list(scaling.ARCHS),
+                   help=f"comma-separated architectures (default: {','.join(scaling.ARCHS)})")
+    c.add_argument("--widths", type=_ints, default=None,
+                   help=f"comma-separated embedding widths, one run each (default: the --scale's, "
+                        f"{_scale_values(scaling.SCALES, 'widths')})")
+    for name, kind, what in (("num-blocks", int, "blocks / layers of every run"),
+                             ("seq-len", int, "training context in bytes"),
+                             ("batch-size", int, "training sequences per step"),
+                             ("steps", int, "training steps per run (the same for every size)"),
+                             ("lr", float, "peak learning rate, AdamW"), ("eval-tokens", int, "validation bytes scored")):
+        c.add_argument(f"--{name}", type=kind, default=None,
+                       help=f"{what} (default: the --scale's, {_scale_values(scaling.SCALES, name.replace('-', '_'))})")
+    c.add_argument("--max-minutes", type=float, default=None, help=_MAX_MINUTES.format("run"))
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    c.add_argument("--log-every", type=int, default=50)
-    c.add_argument("--out", default="runs/scaling", help="output folder: scaling.csv (appended), scaling.md, scaling.png")
+    c.add_argument("--log-every", type=int, default=50, help=_LOG_EVERY)
+    c.add_argument("--out", default="runs/scaling", help="output folder: scaling.csv (appended), scaling.md, "
+                                                         "scaling.png (default: %(default)s)")
     _add_run_options(c)
 
 

@@ -48,8 +48,9 @@ from ..errors import UserError
 from ..train.engine import Engine
 from .formal import IGNORE
 from .models import build_model, canonical_name
-from .results import append_row, done_keys, markdown, pyplot, read_results
-from .runner import RunOptions, classifier_head, lr_schedule
+from .results import (DIVERGED, OK, STATUS, append_row, done_keys, is_diverged, markdown, pyplot, read_results,
+                      upgrade_csv)
+from .runner import RunOptions, classifier_head, fit_or_diverge, lr_schedule
 
 TASK_NAMES = ("retrieval", "listops", "pathfinder", "image", "rgb_image")
 TASK_LABELS = {"retrieval": "Retrieval", "listops": "ListOps", "pathfinder": "Pathfinder", "image": "G-Image",
@@ -425,7 +426,7 @@ class LRASpec:
 
 KEY_FIELDS = [f.name for f in fields(LRASpec)]
 CSV_FIELDS = KEY_FIELDS + ["seq_len", "params", "steps_done", "final_loss", "accuracy", "chance", "seconds",
-                           "finished_at"]
+                           "finished_at", STATUS]
 TEST_SEED = 20_240_507  # the test examples of every cell
 
 
@@ -443,7 +444,8 @@ def lra_specs(tasks, models, seeds, scale: LRAScale, **overrides) -> list[LRASpe
 def run_lra_cell(spec: LRASpec, task: LRATask, max_seconds: Optional[float] = None,
                  log: Callable[[str], None] = print, log_every: int = 50, options: RunOptions = RunOptions()) -> dict:
     """Train one model on one task (AdamW (0.9, 0.98), weight decay 0.1, 5% warm-up then cosine to 10%,
-    clipping 1.0) and return its CSV row with the test accuracy."""
+    clipping 1.0) and return its CSV row with the test accuracy (``status`` "diverged", accuracy nan, when the
+    training loss or a weight became nan or inf)."""
     rng = np.random.default_rng(spec.seed)
     test_rng = np.random.default_rng(TEST_SEED)
     test_bs = min(spec.test_examples, 2 * spec.batch_size)
@@ -456,25 +458,32 @@ def run_lra_cell(spec: LRASpec, task: LRATask, max_seconds: Optional[float] = No
     engine = Engine(model, lr_schedule(spec.lr, spec.steps, "cosine"),
                     options.engine_config(weight_decay=0.1, betas=(0.9, 0.98), grad_clip=1.0))
     start = time.time()
-    run = engine.fit(lambda step: task.batch(spec.batch_size, rng, "train"), spec.steps, max_seconds=max_seconds,
-                     log_every=log_every, log=lambda msg: log(f"    {msg}"))
+    run = fit_or_diverge(engine, lambda step: task.batch(spec.batch_size, rng, "train"), spec.steps,
+                         max_seconds=max_seconds, log_every=log_every, log=lambda msg: log(f"    {msg}"))
+    row = asdict(spec)
+    if run is None:
+        row.update(seq_len=seq_len, params=model.num_params(), steps_done=engine.step, accuracy="nan",
+                   chance=round(task.chance, 4), seconds=round(time.time() - start, 1),
+                   finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), status=DIVERGED)
+        return row
     tail = run.losses[-max(1, len(run.losses) // 10):]
     acc = engine.evaluate(test, accuracy=True).accuracy
     log(f"    test accuracy {acc:.4f} (chance {task.chance:.2f}), {time.time() - start:.0f}s")
-    row = asdict(spec)
     row.update(seq_len=seq_len, params=model.num_params(), steps_done=run.step,
                final_loss=round(sum(tail) / len(tail), 4) if tail else "", accuracy=round(acc, 4),
                chance=round(task.chance, 4), seconds=round(time.time() - start, 1),
-               finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+               finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), status=OK)
     return row
 
 
 def run_lra(specs: list[LRASpec], out_dir: Union[str, Path], max_seconds: Optional[float] = None,
             log: Callable[[str], None] = print, log_every: int = 50, options: RunOptions = RunOptions()) -> list[dict]:
-    """Run the cells not yet in ``out_dir/lra.csv`` (each appended when it finishes), then write the report."""
+    """Run the cells not yet in ``out_dir/lra.csv`` (each appended when it finishes, a diverged one too), then
+    write the report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "lra.csv"
+    upgrade_csv(csv_path, CSV_FIELDS, {STATUS: OK})  # older CSVs: no status column
     done = done_keys(csv_path, KEY_FIELDS)
     todo = [s for s in specs if tuple(str(v) for v in asdict(s).values()) not in done]
     log(f"LRA: {len(specs)} cells, {len(specs) - len(todo)} already in {csv_path}, {len(todo)} to run")
@@ -510,29 +519,42 @@ def mean_ranks(acc: dict, models: list[str], tasks: list[str]) -> dict:
     return {m: (sum(r) / len(r) if r else float("nan")) for m, r in ranks.items()}
 
 
-def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict, dict]:
-    """-> (models, tasks, {(model, task): mean accuracy over seeds}, {(model, task): seeds})."""
-    models, tasks, cells = [], [], {}
+def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict, dict, dict]:
+    """-> (models, tasks, {(model, task): mean accuracy over the seeds that did not diverge}, {(model, task): those
+    seeds}, {(model, task): diverged seeds}); a cell whose every seed diverged has no accuracy."""
+    models, tasks, cells, diverged = [], [], {}, {}
     for r in rows:
         m = r["model"] if len({x["scale"] for x in rows}) == 1 else f"{r['model']} ({r['scale']})"
         models += [m] if m not in models else []
         tasks += [r["task"]] if r["task"] not in tasks else []
-        cells.setdefault((m, r["task"]), []).append(float(r["accuracy"]))
+        if is_diverged(r):
+            diverged[(m, r["task"])] = diverged.get((m, r["task"]), 0) + 1
+        else:
+            cells.setdefault((m, r["task"]), []).append(float(r["accuracy"]))
     tasks.sort(key=TASK_NAMES.index)
-    return models, tasks, {k: sum(v) / len(v) for k, v in cells.items()}, {k: len(v) for k, v in cells.items()}
+    return (models, tasks, {k: sum(v) / len(v) for k, v in cells.items()}, {k: len(v) for k, v in cells.items()},
+            diverged)
 
 
 def lra_table(rows: list[dict]) -> str:
-    """Models (best mean rank first) x tasks: test accuracy (mean over seeds), their mean, the mean rank."""
-    models, tasks, acc, n = summarize(rows)
-    ranks = mean_ranks(acc, models, tasks)
+    """Models (best mean rank first) x tasks: test accuracy (mean over seeds), their mean, the mean rank.
+    Diverged seeds are left out and counted; a cell whose every seed diverged says "diverged", ranks last on its
+    task and is left out of the model's mean accuracy."""
+    models, tasks, acc, n, diverged = summarize(rows)
+    ranks = mean_ranks({**{k: -math.inf for k in diverged if k not in acc}, **acc}, models, tasks)
     models.sort(key=lambda m: (math.isnan(ranks[m]), ranks[m]))
+
+    def cell(m, t) -> str:
+        d = diverged.get((m, t), 0)
+        if (m, t) not in acc:
+            return "" if not d else DIVERGED if d == 1 else f"{DIVERGED} (n={d})"
+        notes = ([f"n={n[(m, t)]}"] if n[(m, t)] > 1 else []) + ([f"{d} {DIVERGED}"] if d else [])
+        return f"{acc[(m, t)]:.3f}" + (f" ({', '.join(notes)})" if notes else "")
+
     body = []
     for m in models:
-        vals = [acc.get((m, t)) for t in tasks]
-        cells = [("" if v is None else f"{v:.3f}" + (f" (n={n[(m, t)]})" if n[(m, t)] > 1 else "")) for v, t in
-                 zip(vals, tasks)]
-        have = [v for v in vals if v is not None]
+        cells = [cell(m, t) for t in tasks]
+        have = [acc[(m, t)] for t in tasks if (m, t) in acc]
         body.append([m, *cells, f"{sum(have) / len(have):.3f}" if have else "", f"{ranks[m]:.2f}"])
     return markdown(["model", *[TASK_LABELS[t] for t in tasks], "mean acc.", "mean rank"], body)
 
@@ -540,13 +562,16 @@ def lra_table(rows: list[dict]) -> str:
 def lra_plot(rows: list[dict], path: Union[str, Path]) -> None:
     """Grouped bars: test accuracy per task and model, chance as a dashed line per task."""
     plt = pyplot()
-    models, tasks, acc, _ = summarize(rows)
+    models, tasks, acc, _, diverged = summarize(rows)
     chance = {r["task"]: float(r["chance"]) for r in rows}
     fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 3.6))
     w = 0.8 / max(1, len(models))
     for i, m in enumerate(models):
         xs = [j + (i - (len(models) - 1) / 2) * w for j in range(len(tasks))]
         ax.bar(xs, [acc.get((m, t), 0.0) for t in tasks], width=w, label=m)
+        for x, t in zip(xs, tasks):
+            if (m, t) in diverged and (m, t) not in acc:  # every seed diverged: no bar
+                ax.text(x, 0.01, DIVERGED, rotation=90, ha="center", va="bottom", fontsize=6)
     for j, t in enumerate(tasks):
         ax.hlines(chance[t], j - 0.45, j + 0.45, colors="k", linestyles="dashed", linewidth=0.8)
     ax.set_xticks(range(len(tasks)), [TASK_LABELS[t] for t in tasks])
@@ -572,7 +597,9 @@ def write_lra_report(out_dir: Union[str, Path], log: Callable[[str], None] = pri
     lengths = sorted({f"{TASK_LABELS[r['task']]} {r['seq_len']}" for r in rows}, key=str)
     (out_dir / "lra.md").write_text("# Long Range Arena (test accuracy)\n\n" + table + "\n\nSettings: "
                                     + "; ".join(settings) + ".\nLongest test input (tokens): " + ", ".join(lengths)
-                                    + ".\n")
+                                    + ".\n" + ("\"diverged\": the training loss became nan or inf; such a cell ranks "
+                                               "last on its task and is left out of the mean accuracy.\n"
+                                               if any(is_diverged(r) for r in rows) else ""))
     if plot:
         lra_plot(rows, out_dir / "lra.png")
     log(table)

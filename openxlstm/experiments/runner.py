@@ -11,13 +11,14 @@ A cell trains through the training engine (``openxlstm/train/engine.py``): the l
 ``model(tokens, labels=targets).loss``, over the scored positions (targets IGNORE elsewhere); the model's output
 head is cut to the task's classes (ids 0..C-1), so the loss is the cross-entropy over the C classes only.
 Every finished cell is appended to ``results.csv`` at once; a rerun with the same settings skips the cells
-already there, so an interrupted grid resumes and new models or seeds append. ``write_report`` turns the
+already there, so an interrupted grid resumes and new models or seeds append. A cell whose training diverges
+(the loss or a weight becomes nan or inf) is recorded with ``status`` "diverged" (score nan) and the grid goes
+on; the table shows it as "diverged" and a rerun does not repeat it. ``write_report`` turns the
 whole CSV into ``results.md`` and ``heatmap.png`` (models x tasks, mean over seeds).
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -27,11 +28,12 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from ..train.engine import Engine, EngineConfig
+from ..train.engine import Engine, EngineConfig, FitResult, TrainingDiverged
 from ..train.schedule import CosineSchedule
 from .formal import TASKS, FormalTask, get_task
 from .models import SLSTM_INITS, build_model, canonical_name
 from .mqar import MQARTask
+from .results import DIVERGED, OK, STATUS, append_row, read_results, upgrade_csv
 
 Task = Union[FormalTask, MQARTask]
 ALL_TASKS = tuple(TASKS) + ("mqar",)
@@ -93,7 +95,7 @@ class CellSpec:
 
 SPEC_FIELDS = [f.name for f in fields(CellSpec)]
 RESULT_FIELDS = ["params", "steps_done", "final_loss", "train_accuracy", "accuracy", "chance", "scaled_accuracy",
-                 "score", "seconds", "finished_at"]
+                 "score", "seconds", "finished_at", STATUS]
 CSV_FIELDS = SPEC_FIELDS + RESULT_FIELDS
 
 
@@ -139,6 +141,22 @@ def classifier_head(model: nn.Module, num_classes: int) -> nn.Module:
     return model
 
 
+def fit_or_diverge(engine: Engine, batch_at: Callable[[int], tuple], until: int, *,
+                   log: Callable[[str], None] = print, **fit_options) -> Optional[FitResult]:
+    """``engine.fit(batch_at, until, log=log, **fit_options)``, or None when training diverged: the engine
+    raised ``TrainingDiverged`` (a nan or inf loss) or a weight is nan or inf afterwards. Said in ``log``; the
+    caller records the cell, rung or run as diverged and its experiment goes on with the next one."""
+    try:
+        run = engine.fit(batch_at, until, log=log, **fit_options)
+    except TrainingDiverged as e:
+        log(f"diverged: {e}; recorded as diverged")
+        return None
+    if not all(bool(torch.isfinite(p).all()) for p in engine.model.parameters()):
+        log(f"diverged: a weight is nan or inf at step {engine.step}; recorded as diverged")
+        return None
+    return run
+
+
 def evaluate(engine: Engine, task: Task, spec: CellSpec, gen: torch.Generator, lo: int, hi: int, batches: int) -> float:
     """Accuracy on ``batches`` fresh batches (formal tasks: one length in [lo, hi] per batch)."""
     data = [_batch(task, spec, gen, lo, hi, spec.eval_batch_size) for _ in range(batches)]
@@ -151,7 +169,8 @@ def run_cell(spec: CellSpec, max_seconds: Optional[float] = None, log: Callable[
 
     ``max_seconds`` stops training early (the row records ``steps_done``); the learning-rate schedule
     (5% linear warm-up, then ``spec.schedule``: cosine to 10% or constant) is laid out over ``spec.steps``.
-    Recipe: AdamW (0.9, 0.98) with weight decay on matrices, gradient clipping 1.0.
+    Recipe: AdamW (0.9, 0.98) with weight decay on matrices, gradient clipping 1.0. A cell whose training
+    diverges (``fit_or_diverge``) returns a row with ``status`` "diverged", score nan and no accuracies.
     """
     task = make_task(spec)
     torch.manual_seed(spec.seed)
@@ -163,9 +182,19 @@ def run_cell(spec: CellSpec, max_seconds: Optional[float] = None, log: Callable[
                     options.engine_config(weight_decay=spec.weight_decay, betas=(0.9, 0.98), grad_clip=1.0))
 
     gen = torch.Generator().manual_seed(spec.seed)
+
+    def batch(step: int):
+        return _batch(task, spec, gen, 1, spec.train_max_len, spec.batch_size, train=True)
+
     start = time.time()
-    run = engine.fit(lambda step: _batch(task, spec, gen, 1, spec.train_max_len, spec.batch_size, train=True),
-                     spec.steps, max_seconds=max_seconds, log_every=log_every, log=lambda msg: log(f"    {msg}"))
+    run = fit_or_diverge(engine, batch, spec.steps, max_seconds=max_seconds, log_every=log_every,
+                         log=lambda msg: log(f"    {msg}"))
+    row = asdict(spec)
+    if run is None:  # diverged: no accuracy to measure
+        row.update(params=model.num_params(), steps_done=engine.step, chance=round(task.chance, 4), score="nan",
+                   seconds=round(time.time() - start, 1), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   status=DIVERGED)
+        return row
     ema = None
     for loss in run.losses:  # the reported loss: an exponential moving average over the steps
         ema = loss if ema is None else 0.95 * ema + 0.05 * loss
@@ -175,11 +204,10 @@ def run_cell(spec: CellSpec, max_seconds: Optional[float] = None, log: Callable[
     train_acc = evaluate(engine, task, spec, eval_gen, 1, spec.train_max_len, spec.eval_batches)
     acc = evaluate(engine, task, spec, eval_gen, spec.test_min_len, spec.test_max_len, spec.eval_batches)
     scaled = (acc - task.chance) / (1.0 - task.chance)
-    row = asdict(spec)
     row.update(params=model.num_params(), steps_done=run.step, final_loss=round(ema, 5),
                train_accuracy=round(train_acc, 4), accuracy=round(acc, 4), chance=round(task.chance, 4),
                scaled_accuracy=round(scaled, 4), score=round(acc if spec.task == "mqar" else scaled, 4),
-               seconds=round(time.time() - start, 1), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+               seconds=round(time.time() - start, 1), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), status=OK)
     log(f"    trained {train_seconds:.0f}s; accuracy {acc:.4f} (scaled {scaled:.4f}), lengths <= "
         f"{spec.train_max_len}: {train_acc:.4f}")
     return row
@@ -188,68 +216,21 @@ def run_cell(spec: CellSpec, max_seconds: Optional[float] = None, log: Callable[
 # ---------------------------------------------------------------------------------------------------------
 # CSV
 # ---------------------------------------------------------------------------------------------------------
-def _is_result(row: dict) -> bool:
-    """A whole row (not a line cut short by a crash: missing or extra fields), finished, with a finite score
-    (a grid's ``score``, the ablation's ``val_bpb``: nan when training diverged). Other rows are not results:
-    a rerun runs their cells again."""
-    if None in row or any(v is None for v in row.values()) or row.get("finished_at", "x") == "":
-        return False
-    try:
-        return all(math.isfinite(float(row[k])) for k in ("score", "val_bpb") if k in row)
-    except ValueError:
-        return False
-
-
-def read_results(path: Union[str, Path]) -> list[dict]:
-    """The result rows of a results CSV (strings; see ``_is_result``), or [] if it does not exist."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return [r for r in csv.DictReader(f) if _is_result(r)]
-
-
 def append_result(path: Union[str, Path], row: dict) -> None:
-    """Append one row (writing the header first for a new file; after a line cut short, on a new line)."""
-    path = Path(path)
-    new = not path.exists() or path.stat().st_size == 0
-    if not new:
-        with path.open("rb") as f:
-            f.seek(-1, 2)
-            if f.read(1) != b"\n":
-                with path.open("a", newline="") as g:
-                    g.write("\r\n")
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+    """Append one grid row (``results.append_row``: the header first for a new file; after a line cut short, on a
+    new line)."""
+    append_row(path, row, CSV_FIELDS)
 
 
 def upgrade_results(path: Union[str, Path]) -> list[dict]:
     """The rows of ``path``, rewritten in this version's columns if an older version wrote it.
 
     A column added since (such as ``schedule``) is filled with its CellSpec default, which is what the older
-    version ran, so the folder can still be resumed and appended to. The original is kept as
-    ``results.csv.bak``. A CSV with columns this version does not know is an error (nothing is rewritten).
+    version ran, so the folder can still be resumed and appended to; ``status`` is "ok" (the older version
+    counted only finite scores). The original is kept as ``results.csv.bak``. A CSV with columns this version
+    does not know is an error (nothing is rewritten).
     """
-    path = Path(path)
-    rows = read_results(path)
-    if not rows or list(rows[0].keys()) == CSV_FIELDS:
-        return rows
-    columns = list(rows[0].keys())
-    unknown = [c for c in columns if c not in CSV_FIELDS]
-    defaults = {f.name: f.default for f in fields(CellSpec)}
-    missing = [c for c in CSV_FIELDS if c not in columns]
-    if unknown or any(c not in defaults for c in missing):
-        raise ValueError(f"{path} has columns this version does not write ({', '.join(unknown or missing)}); "
-                         f"use another --out")
-    rows = [{**{c: defaults[c] for c in missing}, **r} for r in rows]
-    backup = path.with_name(path.name + ".bak")
-    path.replace(backup)
-    for r in rows:
-        append_result(path, r)
-    return read_results(path)
+    return upgrade_csv(path, CSV_FIELDS, {**{f.name: f.default for f in fields(CellSpec)}, STATUS: OK})
 
 
 def row_key(row: dict) -> tuple:
@@ -288,7 +269,7 @@ _SETTING_FIELDS = ("width", "num_blocks", "steps", "batch_size", "lr", "weight_d
 
 
 def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict]:
-    """-> (model labels, task labels, {(model, task): [scores over seeds]}).
+    """-> (model labels, task labels, {(model, task): [scores over seeds]}), a diverged cell's score nan.
 
     Model labels carry their settings (width, steps, ...) only when the CSV holds more than one setting."""
     settings = {tuple(r.get(k, "") for k in _SETTING_FIELDS) for r in rows}
@@ -305,35 +286,40 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[str], dict]:
             models.append(model)
         if task not in tasks:
             tasks.append(task)
-        cells.setdefault((model, task), []).append(float(r["score"]))
+        cells.setdefault((model, task), []).append(math.nan if r.get(STATUS) == DIVERGED else float(r["score"]))
     order = {t: j for j, t in enumerate(ALL_TASKS)}
     tasks.sort(key=lambda t: order.get(t.split("(")[0], len(order)))
     return models, tasks, cells
 
 
+def _cell_text(scores: list[float]) -> str:
+    """One table cell: the score, or with several seeds "mean ± std, max M (n=k)"; diverged seeds (nan) are
+    left out of the numbers and counted: "diverged", "0.52 (1 diverged)", "... (n=2, 1 diverged)"."""
+    v = [x for x in scores if not math.isnan(x)]
+    diverged = len(scores) - len(v)
+    if not v:
+        return "" if not scores else DIVERGED if diverged == 1 else f"{DIVERGED} (n={diverged})"
+    note = f"{diverged} {DIVERGED}" if diverged else ""
+    if len(v) == 1:
+        return f"{v[0]:.2f}" + (f" ({note})" if note else "")
+    mean = sum(v) / len(v)
+    std = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+    return f"{mean:.2f} ± {std:.2f}, max {max(v):.2f} (n={len(v)}" + (f", {note})" if note else ")")
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """Models x tasks: the score, or with several seeds "mean ± std, max M (n=k)"."""
+    """Models x tasks: the score, or with several seeds "mean ± std, max M (n=k)"; "diverged" where training
+    diverged (see ``_cell_text``)."""
     models, tasks, cells = summarize(rows)
     lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for m in models:
-        out = []
-        for t in tasks:
-            v = cells.get((m, t))
-            if not v:
-                out.append("")
-            elif len(v) == 1:
-                out.append(f"{v[0]:.2f}")
-            else:
-                mean = sum(v) / len(v)
-                std = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
-                out.append(f"{mean:.2f} ± {std:.2f}, max {max(v):.2f} (n={len(v)})")
-        lines.append(f"| {m} | " + " | ".join(out) + " |")
+        lines.append(f"| {m} | " + " | ".join(_cell_text(cells.get((m, t), [])) for t in tasks) + " |")
     return "\n".join(lines)
 
 
 def heatmap(rows: list[dict], path: Union[str, Path], title: str = "", aggregate: str = "mean") -> None:
     """A models x tasks heat-map of the score over seeds (``aggregate`` "mean" or "max"; 0 = chance,
-    1 = perfect), like the paper's figure."""
+    1 = perfect), like the paper's figure; diverged seeds are left out, a cell with no other seed says "diverged"."""
     if aggregate not in ("mean", "max"):
         raise ValueError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
     import matplotlib
@@ -346,7 +332,7 @@ def heatmap(rows: list[dict], path: Union[str, Path], title: str = "", aggregate
     grid = np.full((len(models), len(tasks)), np.nan)
     for i, m in enumerate(models):
         for j, t in enumerate(tasks):
-            v = cells.get((m, t))
+            v = [x for x in cells.get((m, t), []) if not math.isnan(x)]
             if v:
                 grid[i, j] = max(v) if aggregate == "max" else sum(v) / len(v)
     label_width = 0.07 * max(len(m) for m in models)  # inches for the model names (they may carry settings)
@@ -356,6 +342,8 @@ def heatmap(rows: list[dict], path: Union[str, Path], title: str = "", aggregate
         for j in range(len(tasks)):
             if not np.isnan(grid[i, j]):
                 ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=9)
+            elif cells.get((models[i], tasks[j])):  # every seed diverged
+                ax.text(j, i, DIVERGED, ha="center", va="center", fontsize=7, color="dimgray")
     ax.set_xticks(range(len(tasks)), [t.replace("(", "\n(") for t in tasks], rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(models)), models, fontsize=9)
     ax.set_title(title or f"scaled accuracy (formal languages) / accuracy (MQAR), {aggregate} over seeds", fontsize=10)
@@ -374,7 +362,8 @@ def write_report(out_dir: Union[str, Path], log: Callable[[str], None] = print, 
     table = markdown_table(rows)
     settings = sorted({", ".join(f"{k}={r.get(k, '')}" for k in _SETTING_FIELDS) for r in rows})
     text = ("# Results\n\nScore: formal languages, accuracy on test lengths scaled so that 0 is chance and 1 "
-            "perfect; MQAR, accuracy on the queried values. Several seeds: mean ± std, max (n).\n\n" + table + "\n\nSettings: "
+            "perfect; MQAR, accuracy on the queried values. Several seeds: mean ± std, max (n). \"diverged\": the "
+            "training loss became nan or inf (left out of the numbers).\n\n" + table + "\n\nSettings: "
             + "; ".join(settings) + "\n")
     (out_dir / "results.md").write_text(text)
     heatmap(rows, out_dir / "heatmap.png", aggregate=aggregate)
@@ -392,5 +381,6 @@ def grid_specs(tasks: list[str], models: list[str], seeds: list[int], **settings
     return [CellSpec(task=t, model=m, seed=s, **settings) for t in tasks for m in models for s in seeds]
 
 
-__all__ = ["ALL_TASKS", "SCHEDULES", "CellSpec", "RunOptions", "classifier_head", "lr_schedule", "run_cell", "run_grid", "grid_specs", "read_results", "append_result",
+__all__ = ["ALL_TASKS", "SCHEDULES", "CellSpec", "RunOptions", "classifier_head", "lr_schedule", "run_cell", "run_grid",
+           "grid_specs", "read_results", "append_result", "fit_or_diverge", "upgrade_results",
            "markdown_table", "heatmap", "write_report", "evaluate"]

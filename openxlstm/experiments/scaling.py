@@ -42,8 +42,9 @@ from ..train.engine import Engine
 from ..train.schedule import CosineSchedule
 from .ablation import load_bytes, val_batches
 from .models import build_model, canonical_name
-from .results import append_row, done_keys, markdown, pyplot, read_results
-from .runner import RunOptions
+from .results import (DIVERGED, OK, STATUS, append_row, done_keys, is_diverged, markdown, pyplot, read_results,
+                      upgrade_csv)
+from .runner import RunOptions, fit_or_diverge
 
 ARCHS = ("xlstm[1:0]", "xlstm[7:1]", "transformer")
 
@@ -86,7 +87,7 @@ class ScalingSpec:
 KEY_FIELDS = [f.name for f in fields(ScalingSpec)]
 CSV_FIELDS = KEY_FIELDS + ["params", "tokens", "train_flops", "forward_flops_per_token", "decode_flops_per_token",
                            "decode_ms_per_token", "steps_done", "train_loss", "val_loss", "val_bpb", "seconds",
-                           "finished_at"]
+                           "finished_at", STATUS]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,6 +164,8 @@ def scaling_specs(archs, scale: ScalingScale, seed: int = 0, **overrides) -> lis
 def run_scaling_run(spec: ScalingSpec, train: np.ndarray, val: np.ndarray, max_seconds: Optional[float] = None,
                     log: Callable[[str], None] = print, log_every: int = 50,
                     options: RunOptions = RunOptions()) -> dict:
+    """Train one size from scratch; returns its CSV row (``status`` "diverged", validation loss nan and no decode
+    timing, when the training loss or a weight became nan or inf)."""
     torch.manual_seed(spec.seed)
     model = build_model(spec.arch, 256, spec.width, spec.num_blocks, context_length=spec.seq_len)
     schedule = CosineSchedule(lr=spec.lr, min_lr=0.1 * spec.lr, warmup_steps=max(1, spec.steps // 20),
@@ -176,18 +179,24 @@ def run_scaling_run(spec: ScalingSpec, train: np.ndarray, val: np.ndarray, max_s
         return w[:, :-1], w[:, 1:]
 
     start = time.time()
-    run = engine.fit(batch, spec.steps, max_seconds=max_seconds, log_every=log_every, log=lambda m: log(f"    {m}"))
-    val_loss = engine.evaluate(val_batches(val, spec.seq_len, spec.eval_tokens)).loss
+    run = fit_or_diverge(engine, batch, spec.steps, max_seconds=max_seconds, log_every=log_every,
+                         log=lambda m: log(f"    {m}"))
+    val_loss = math.nan if run is None else engine.evaluate(val_batches(val, spec.seq_len, spec.eval_tokens)).loss
     fwd, dec = flops_per_token(model, spec.seq_len)
-    tokens = run.step * spec.batch_size * spec.seq_len
-    ms = decode_ms_per_token(engine.model, spec.seq_len, 256, engine.device, spec.decode_steps)
-    tail = run.losses[-max(1, len(run.losses) // 10):]
+    tokens = engine.step * spec.batch_size * spec.seq_len
     row = asdict(spec)
     row.update(params=model.num_params(), tokens=tokens, train_flops=f"{3 * fwd * tokens:.4g}",
-               forward_flops_per_token=f"{fwd:.4g}", decode_flops_per_token=f"{dec:.4g}",
-               decode_ms_per_token=round(ms, 4), steps_done=run.step, train_loss=round(sum(tail) / len(tail), 4),
+               forward_flops_per_token=f"{fwd:.4g}", decode_flops_per_token=f"{dec:.4g}", steps_done=engine.step)
+    if not math.isfinite(val_loss):
+        row.update(val_loss="nan", val_bpb="nan", seconds=round(time.time() - start, 1),
+                   finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), status=DIVERGED)
+        log(f"    {spec.arch} width {spec.width}: diverged")
+        return row
+    ms = decode_ms_per_token(engine.model, spec.seq_len, 256, engine.device, spec.decode_steps)
+    tail = run.losses[-max(1, len(run.losses) // 10):]
+    row.update(decode_ms_per_token=round(ms, 4), train_loss=round(sum(tail) / len(tail), 4),
                val_loss=round(val_loss, 4), val_bpb=round(val_loss / math.log(2), 4),
-               seconds=round(time.time() - start, 1), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+               seconds=round(time.time() - start, 1), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), status=OK)
     log(f"    {spec.arch} width {spec.width}: {row['params']:,} parameters, validation {row['val_bpb']} bits/byte, "
         f"decode {ms:.2f} ms/token")
     return row
@@ -196,10 +205,12 @@ def run_scaling_run(spec: ScalingSpec, train: np.ndarray, val: np.ndarray, max_s
 def run_scaling(specs: list[ScalingSpec], out_dir: Union[str, Path], max_seconds: Optional[float] = None,
                 log: Callable[[str], None] = print, log_every: int = 50, options: RunOptions = RunOptions(),
                 max_bytes: int = 8_000_000) -> list[dict]:
-    """Run the specs not yet in ``out_dir/scaling.csv`` (each appended when it finishes), then the report."""
+    """Run the specs not yet in ``out_dir/scaling.csv`` (each appended when it finishes, a diverged one too), then
+    the report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "scaling.csv"
+    upgrade_csv(csv_path, CSV_FIELDS, {STATUS: OK})  # older CSVs: no status column
     done = done_keys(csv_path, KEY_FIELDS)
     todo = [s for s in specs if tuple(str(v) for v in asdict(s).values()) not in done]
     log(f"scaling: {len(specs)} runs, {len(specs) - len(todo)} already in {csv_path}, {len(todo)} to run")
@@ -241,9 +252,10 @@ def _by_arch(rows: list[dict]) -> dict:
 
 
 def fits(rows: list[dict]) -> dict:
-    """{(arch, axis): (a, b)} for every architecture with at least 2 sizes (loss = validation nats/byte)."""
+    """{(arch, axis): (a, b)} for every architecture with at least 2 sizes that did not diverge (loss = validation
+    nats/byte)."""
     out = {}
-    for arch, rs in _by_arch(rows).items():
+    for arch, rs in _by_arch([r for r in rows if not is_diverged(r)]).items():
         if len({r["width"] for r in rs}) < 2:
             continue
         for key, _ in AXES:
@@ -261,7 +273,8 @@ def write_scaling_report(out_dir: Union[str, Path], log: Callable[[str], None] =
                      "inference ms/token", "val loss (nats/byte)", "val bits/byte"],
                     [[r["arch"], f"{r['width']} x {r['num_blocks']}", f"{int(r['params']):,}", f"{int(r['tokens']):,}",
                       f"{float(r['train_flops']):.3g}", f"{float(r['decode_flops_per_token']):.3g}",
-                      f"{float(r['decode_ms_per_token']):.2f}", r["val_loss"], r["val_bpb"]]
+                      *(["", DIVERGED, DIVERGED] if is_diverged(r) else
+                        [f"{float(r['decode_ms_per_token']):.2f}", r["val_loss"], r["val_bpb"]])]
                      for rs in _by_arch(rows).values() for r in rs])
     f = fits(rows)
     archs = list(dict.fromkeys(a for a, _ in f))
@@ -271,10 +284,12 @@ def write_scaling_report(out_dir: Union[str, Path], log: Callable[[str], None] =
                        f"{r['eval_tokens']} validation bytes" for r in rows})
     text = ("# Scaling (validation loss on the built-in corpus, bytes)\n\n" + runs +
             "\n\nFitted power laws, loss = a x^b (least squares in log-log; b per axis):\n\n" + fit_table +
-            "\n\nSettings: " + "; ".join(settings) + ".\n")
+            "\n\nSettings: " + "; ".join(settings) + "." +
+            ("\n\"diverged\": the training loss became nan or inf; left out of the fits and the plot.\n"
+             if any(is_diverged(r) for r in rows) else "\n"))
     (out_dir / "scaling.md").write_text(text)
     if plot:
-        scaling_plot(rows, f, out_dir / "scaling.png")
+        scaling_plot([r for r in rows if not is_diverged(r)], f, out_dir / "scaling.png")
     log(text)
     log(f"wrote {out_dir / 'scaling.md'} and {out_dir / 'scaling.png'}")
     return text

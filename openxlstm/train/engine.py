@@ -52,6 +52,15 @@ from .schedule import CosineSchedule
 IGNORE_INDEX = -100  # a label that is not scored (torch's cross_entropy convention)
 
 
+class TrainingDiverged(UserError):
+    """``Engine.fit``: the training loss became nan or inf (``loss``, at ``step``). A UserError, so ``openxlstm
+    train`` prints it as one line; the experiments catch it and record the cell or rung as diverged."""
+
+    def __init__(self, loss: float, step: int):
+        self.loss, self.step = loss, step
+        super().__init__(f"the training loss is {loss} at step {step}: lower the learning rate or check the data")
+
+
 @dataclass
 class EngineConfig:
     """How a model is trained, apart from its data and schedule."""
@@ -345,8 +354,7 @@ class Engine:
                 result.losses.append(loss)
                 window_loss, window_steps = window_loss + loss, window_steps + 1
                 if not math.isfinite(loss):
-                    raise UserError(f"the training loss is {loss} at step {self.step}: lower the learning rate or "
-                                    f"check the data")
+                    raise TrainingDiverged(loss, self.step)
                 now = time.time()
                 tok_s = (self.tokens - window_tokens) / max(now - window_t0, 1e-9)
                 if bar is not None:
@@ -472,6 +480,6 @@ class Engine:
         return copy.to(self.device).eval()
 
 
-__all__ = ["Engine", "EngineConfig", "EvalResult", "FitResult", "evaluate_model", "resolve_device", "resolve_dtype",
-           "compile_backend",
+__all__ = ["Engine", "EngineConfig", "TrainingDiverged", "EvalResult", "FitResult", "evaluate_model", "resolve_device",
+           "resolve_dtype", "compile_backend",
            "IGNORE_INDEX"]
