@@ -28,7 +28,10 @@ def mlstm_chunkwise(
     None. Returns h (state dtype), final state."""
     C0, n0, m0 = state
     dt = C0.dtype
-    q, k, v, i, f = (t.to(dt) for t in (q, k, v, i, f))
+    q, k, v = (t.to(dt) for t in (q, k, v))
+    # gates often arrive as transposed views of (B, S, NH) projections; their contiguous copies are small, and
+    # torch.compile's traced backward otherwise views their gradient with the wrong strides (fullgraph fails)
+    i, f = (t.to(dt).contiguous() for t in (i, f))
     B, NH, S, dqk = q.shape
     dv = v.shape[-1]
     L = max(1, min(chunk_size, S))
