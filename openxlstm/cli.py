@@ -4,6 +4,11 @@ Every mistake in the input (an option out of range, a missing or corrupt checkpo
 mismatched vocabulary, a run directory in use) ends with one line ``error: ...`` on stderr and exit status 2,
 never a traceback; the line names the option or file and what is allowed. Genuine bugs keep their traceback.
 Every option's ``--help`` line says what it does and its default.
+
+``generate`` and ``eval`` read a model with ``--checkpoint`` (an ``openxlstm train`` run) or ``--model`` (a
+pretrained model: transformers' ``xLSTMForCausalLM`` directory such as xLSTM-7B's, the authors'
+``xlstm_large`` layout, or a run too), both through ``openxlstm.large.load_pretrained``; ``train --init DIR``
+fine-tunes such a model.
 """
 
 from __future__ import annotations
@@ -27,14 +32,20 @@ from .errors import UserError
 from .evaluate import evaluate_contexts, format_table
 from .experiments import cli as experiments_cli
 from .generation import generate
-from .train.checkpoint import load_model, read_meta, resolve_checkpoint
+from .large.pretrained import load_pretrained
+from .train.checkpoint import read_meta, resolve_checkpoint
 from .train.distributed import DistInfo
 from .train.engine import resolve_device
 from .train.loop import BIN_DTYPES, DEVICE_RE, TrainConfig, train
 from .train.metrics import plot_losses
 
 # flags whose value is fixed by the checkpoint when resuming
-_MODEL_FIELDS = ("arch", "model", "preset", "size", "data", "tokenizer", "val_fraction", "bin_dtype", "pack_documents")
+_MODEL_FIELDS = ("arch", "model", "preset", "size", "init", "data", "tokenizer", "val_fraction", "bin_dtype",
+                 "pack_documents")
+# flags that choose the model of a fresh run, which --init chooses instead
+_INIT_EXCLUDES = ("arch", "config", "preset", "size")
+# generate / eval --dtype: the dtype the weights are loaded in (auto: the checkpoint's)
+LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # flags that a resumed run does not take from the checkpoint: how it is launched now decides
 _LAUNCH_FIELDS = ("fsdp", "stop_at", "overwrite")
 PLOT_FORMATS = (".png", ".pdf", ".svg")
@@ -127,12 +138,19 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a language model (no arguments: a small byte-level xLSTM on a "
                                      "built-in corpus, ~4 minutes on 2 idle CPU cores)")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=["xlstm", "lstm", "transformer"], help="architecture (default xlstm)")
+    g.add_argument("--arch", choices=["xlstm", "lstm", "transformer", "xlstm-large"],
+                   help="architecture (default xlstm); xlstm-large: xLSTM-7B's architecture (small by default)")
     g.add_argument("--config", help="model config: a JSON file or inline JSON of the architecture's config fields "
                                     "(default: the architecture's default model)")
     g.add_argument("--preset", help="xLSTM paper model SIZE[:RATIO], e.g. 125m:7:1 or 350m:1:0 (default: none)")
     g.add_argument("--size", type=_positive_int, help="baselines: target parameter count (default: equal to the "
                                                      "default xLSTM)")
+    g.add_argument("--init", metavar="DIR",
+                   help="fine-tune: start from the weights of DIR, a transformers xLSTMForCausalLM directory (e.g. "
+                        "xLSTM-7B's), the authors' xlstm_large layout or an openxlstm run; the architecture and "
+                        "model config come from DIR (no --arch, --config, --preset, --size), and the tokenizer "
+                        "too unless --tokenizer is given; weights loaded in float32 (default: none, a freshly "
+                        "initialized model)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="a text file or folder, or a token file (.bin / .npy); default: the "
                                   "built-in corpus (Python docs + stdlib sources)")
@@ -189,9 +207,24 @@ def _train_parser(sub) -> None:
                    help="log lines instead of a progress bar (default: a progress bar)")
 
 
+def _model_args(p) -> None:
+    """--checkpoint or --model (exactly one), and --dtype, of generate and eval."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", metavar="DIR",
+                   help="run directory or checkpoint directory of openxlstm train (no default: give --checkpoint "
+                        "or --model)")
+    g.add_argument("--model", metavar="DIR",
+                   help="pretrained model directory: transformers' xLSTMForCausalLM (e.g. xLSTM-7B, downloaded "
+                        "with huggingface-cli download NX-AI/xLSTM-7b --local-dir DIR), the authors' xlstm_large "
+                        "layout, or an openxlstm run (no default: give --model or --checkpoint)")
+    p.add_argument("--dtype", choices=LOAD_DTYPES, default="auto",
+                   help="dtype the weights are loaded in (default: auto, the dtype stored in the checkpoint; float32 "
+                        "for openxlstm runs)")
+
+
 def _gen_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text (or token ids) from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    p = sub.add_parser("generate", help="generate text (or token ids) from a checkpoint or pretrained model")
+    _model_args(p)
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text (repeat for a batch); for a model of token ids (trained on a token file "
                         "without a tokenizer), ids separated by spaces or commas, e.g. '17 4 99'")
@@ -212,8 +245,10 @@ def _gen_parser(sub) -> None:
 
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="validation loss / perplexity at several context lengths")
-    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
-    p.add_argument("--data", default=None, help="text or token data (default: the checkpoint's training data)")
+    _model_args(p)
+    p.add_argument("--data", default=None,
+                   help="text or token data (default: the checkpoint's training data; for a pretrained model "
+                        "without a training record, the built-in corpus through the model's tokenizer.json)")
     p.add_argument("--context", default="512,2048,8192", help="comma-separated context lengths in tokens")
     p.add_argument("--split", choices=["val", "all"], default="val", help="score the validation split or all data")
     p.add_argument("--max-tokens", type=_positive_int, default=65536,
@@ -271,6 +306,11 @@ def _train_config(args) -> tuple:
         given["model"] = model
     if args.config is not None and args.preset is not None:
         raise UserError("use either --config or --preset, not both")
+    if args.init is not None:
+        clash = [f"--{name}" for name in _INIT_EXCLUDES if getattr(args, name) is not None]
+        if clash:
+            raise UserError(f"--init takes the architecture and model config from {args.init!r}: leave out "
+                            f"{', '.join(clash)}")
     if args.resume is None:
         return TrainConfig(**given), None
     source = args.resume if args.resume != "auto" else given.get("out", TrainConfig.out)
@@ -304,8 +344,21 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load(checkpoint: str, device: str):
-    return load_model(checkpoint, device=resolve_device(device, DistInfo()))
+def _load(args):
+    """(model, tokenizer or None, info) of --checkpoint or --model in --dtype on --device (load_pretrained's
+    info: "source", "arch", "path", "step", "train")."""
+    path = args.checkpoint if args.checkpoint is not None else args.model
+    if args.checkpoint is not None and not Path(path).expanduser().exists():
+        raise UserError(f"checkpoint {path!r} does not exist")
+    dtype = None if args.dtype == "auto" else args.dtype
+    return load_pretrained(path, dtype=dtype, device=resolve_device(args.device, DistInfo()))
+
+
+def _no_tokenizer(info: dict) -> str:
+    """Why a loaded model reads token ids: it has no tokenizer."""
+    if info.get("source", "openxlstm") == "openxlstm":
+        return "it was trained on a token file without a tokenizer"
+    return f"{info['path']!r} has no tokenizer.json"
 
 
 def unescape(text: str, option: str) -> str:
@@ -327,12 +380,12 @@ def _check_utf8(text: str, option: str) -> str:
     return text
 
 
-def _id_prompt(text: str, vocab_size: int) -> list[int]:
-    """A model of token ids reads its prompt as ids: '17 4 99' or '17,4,99'."""
+def _id_prompt(text: str, vocab_size: int, why: str) -> list[int]:
+    """A model of token ids (without a tokenizer, ``why``) reads its prompt as ids: '17 4 99' or '17,4,99'."""
     parts = [t for t in re.split(r"[\s,]+", text.strip()) if t]
     if not parts or not all(re.fullmatch(r"\d+", t) for t in parts):
-        raise UserError(f"--prompt {text!r}: this model reads token ids (it was trained on a token file without a "
-                        f"tokenizer), so a prompt must be ids separated by spaces or commas, e.g. --prompt '17 4 99'")
+        raise UserError(f"--prompt {text!r}: this model reads token ids ({why}), so a prompt must be ids separated "
+                        f"by spaces or commas, e.g. --prompt '17 4 99'")
     ids = [int(t) for t in parts]
     if max(ids) >= vocab_size:
         raise UserError(f"--prompt holds token id {max(ids)}, outside the model's vocabulary of {vocab_size} "
@@ -345,14 +398,13 @@ def cmd_generate(args) -> int:
     stop = None if args.stop is None else unescape(_check_utf8(args.stop, "--stop"), "--stop")
     if stop == "":
         raise UserError("--stop is empty: give the text that ends a sample, e.g. --stop '\\n\\n'")
-    model, tokenizer, _ = _load(args.checkpoint, args.device)
+    model, tokenizer, info = _load(args)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed)
     if tokenizer is None:  # a model of token ids: ids in, ids out
         if stop is not None:
-            raise UserError("--stop needs a tokenizer, and this model reads token ids (it was trained on a token "
-                            "file without one)")
-        rows = [_id_prompt(p, model.config.vocab_size) for p in prompts]
+            raise UserError(f"--stop needs a tokenizer, and this model reads token ids ({_no_tokenizer(info)})")
+        rows = [_id_prompt(p, model.config.vocab_size, _no_tokenizer(info)) for p in prompts]
         outs = generate(model, rows, **kw)
         for j, (row, new) in enumerate(zip(rows, outs)):
             if len(rows) > 1:
@@ -378,12 +430,13 @@ def cmd_eval(args) -> int:
         raise UserError(f"--context {args.context!r}: expected comma-separated integers, e.g. 512,2048,8192") from None
     if not contexts or min(contexts) < 1:
         raise UserError(f"--context {args.context!r}: expected positive context lengths, e.g. 512,2048,8192")
-    model, tokenizer, meta = _load(args.checkpoint, args.device)
-    train_cfg = meta.get("train", {})
+    model, tokenizer, meta = _load(args)
+    train_cfg = meta.get("train") or {}
     data_path = args.data if args.data is not None else train_cfg.get("data")
     if tokenizer is None and (data_path is None or Path(data_path).suffix not in TOKEN_FILE_SUFFIXES):
-        raise UserError(f"this model reads token ids (it was trained on a token file without a tokenizer): --data "
-                        f"must be a token file ({' or '.join(TOKEN_FILE_SUFFIXES)}), got {data_path or 'none'}")
+        given = data_path or ("none (the built-in corpus is text)" if args.data is None else "none")
+        raise UserError(f"this model reads token ids ({_no_tokenizer(meta)}): --data must be a token file "
+                        f"({' or '.join(TOKEN_FILE_SUFFIXES)}) of its ids, got {given}")
     data = load_data(data_path, tokenizer, train_cfg.get("val_fraction", 0.05), train_cfg.get("bin_dtype", "uint16"))
     tokens = data.val if args.split == "val" else np.concatenate([data.train, data.val])
     top = int(tokens.max())
@@ -393,7 +446,10 @@ def cmd_eval(args) -> int:
     if len(tokens) < longest + 1:
         raise UserError(f"context {longest} is larger than the evaluation data ({len(tokens):,} tokens); "
                         f"use --split all, more data or shorter contexts")
-    print(f"{meta['arch']} checkpoint {meta['path']} (step {meta.get('step')}); data: {data.description}")
+    source = meta.get("source", "openxlstm")
+    where = (f"step {meta['step']}" if meta.get("step") is not None else
+             f"{source} format" if source != "openxlstm" else "step unknown")
+    print(f"{meta.get('arch', 'model')} checkpoint {meta.get('path', '?')} ({where}); data: {data.description}")
     rows = evaluate_contexts(model, tokens, contexts, max_tokens=args.max_tokens,
                              device=next(model.parameters()).device, bytes_per_token=data.bytes_per_token)
     print(format_table(rows))

@@ -1,4 +1,5 @@
-"""The architecture registry: "xlstm", "lstm" and "transformer" map to their config and model classes.
+"""The architecture registry: "xlstm", "lstm", "transformer" and "xlstm-large" (xLSTM-7B's architecture, the
+model of transformers' ``xLSTMForCausalLM`` checkpoints) map to their config and model classes.
 
 The training engine, checkpoints and generation only see ``build_model(arch, config_dict)``; they never need
 to know which architecture they handle. (A model from a checkpoint: ``openxlstm.train.load_model``.)
@@ -13,12 +14,14 @@ from torch import nn
 from .baselines import LSTMConfig, LSTMLM, TransformerConfig, TransformerLM
 from .config import xLSTMConfig
 from .errors import UserError
+from .large.model import xLSTMLargeConfig, xLSTMLargeLM
 from .model import xLSTMLM
 
 ARCHS = {
     "xlstm": (xLSTMConfig, xLSTMLM),
     "lstm": (LSTMConfig, LSTMLM),
     "transformer": (TransformerConfig, TransformerLM),
+    "xlstm-large": (xLSTMLargeConfig, xLSTMLargeLM),
 }
 
 
@@ -38,7 +41,7 @@ def config_from_dict(arch: str, config: Union[dict, object]):
 
 
 def build_model(arch: str, config: Union[dict, object]) -> nn.Module:
-    """A freshly initialized model of ``arch`` ("xlstm", "lstm", "transformer") from its config (dict or object)."""
+    """A freshly initialized model of ``arch`` (a name of ``ARCHS``) from its config (dict or object)."""
     config = config_from_dict(arch, config)
     return ARCHS[arch][1](config)
 

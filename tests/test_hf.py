@@ -5,8 +5,10 @@ stabilizer crosses the M_FLOOR), saved with its own ``save_pretrained`` and load
 downloaded. The last tests are one per problem of transformers' implementation that we do not have.
 """
 
+import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 
 import openxlstm
 from openxlstm import from_pretrained, generate, xLSTMLargeConfig, xLSTMLargeLM
+from openxlstm.cli import main
 from openxlstm.errors import UserError
 from openxlstm.large.model import soft_capped_cross_entropy
 from openxlstm.large.pretrained import load_pretrained
@@ -350,3 +353,150 @@ def test_weight_mode_fused_initializes():
 def test_exports():
     assert openxlstm.from_pretrained is from_pretrained
     assert openxlstm.models.ARCHS["xlstm-large"] == (xLSTMLargeConfig, xLSTMLargeLM)
+
+
+# the command line: generate / eval --model, train --init -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random transformers xLSTMForCausalLM saved by its own save_pretrained (no tokenizer.json)."""
+    path = tmp_path_factory.mktemp("hf") / "model"
+    hf_model(hidden_size=64, num_heads=4, eos_token_id=None).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def id_file(tmp_path_factory):
+    """A token file of ids below the model's vocabulary V."""
+    path = tmp_path_factory.mktemp("ids") / "tokens.npy"
+    np.save(path, np.random.default_rng(0).integers(0, V, size=3000).astype(np.uint16))
+    return path
+
+
+def one_line_error(capsys, needle: str) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+    return lines[0]
+
+
+def test_cli_generate_model_equals_generate(hf_dir, capsys):
+    """generate --model DIR (a model without tokenizer.json reads and prints ids) gives what openxlstm.generate
+    gives on from_pretrained(DIR); --dtype bfloat16 loads in bfloat16."""
+    prompt = [5, 17, 3, 60]
+    want = generate(from_pretrained(hf_dir), [prompt], max_new_tokens=6, temperature=0)[0]
+    assert main(["generate", "--model", str(hf_dir), "--prompt", " ".join(map(str, prompt)), "--max-new-tokens", "6",
+                 "--temperature", "0"]) == 0
+    assert [int(t) for t in capsys.readouterr().out.split()] == prompt + want
+    assert main(["generate", "--model", str(hf_dir), "--prompt", "5 17", "--max-new-tokens", "2", "--dtype",
+                 "bfloat16"]) == 0
+    assert len(capsys.readouterr().out.split()) == 4
+    assert main(["generate", "--model", str(hf_dir), "--prompt", "hello"]) == 2
+    one_line_error(capsys, "has no tokenizer.json")
+
+
+def test_cli_eval_model(hf_dir, id_file, capsys):
+    assert main(["eval", "--model", str(hf_dir), "--data", str(id_file), "--context", "16", "--max-tokens", "256"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"xlstm-large checkpoint {hf_dir} (transformers format)")
+    assert out[-2].split()[:2] == ["context", "tokens"] and out[-1].split()[0] == "16" and len(out) == 3
+    assert main(["eval", "--model", str(hf_dir), "--context", "16"]) == 2  # default data: the built-in text corpus
+    line = one_line_error(capsys, "has no tokenizer.json")
+    assert "trained on a token file" not in line
+
+
+def test_cli_model_or_checkpoint_exactly_one(hf_dir, capsys):
+    assert main(["generate", "--model", str(hf_dir), "--checkpoint", str(hf_dir), "--prompt", "1"]) == 2
+    one_line_error(capsys, "not allowed with argument")
+    assert main(["eval", "--context", "16"]) == 2
+    one_line_error(capsys, "one of the arguments --checkpoint --model is required")
+
+
+def init_args(init, data, out, *extra):
+    return ["train", "--init", str(init), "--data", str(data), "--out", str(out), "--max-steps", "2", "--seq-len", "8",
+            "--batch-size", "2", "--eval-every", "100", "--eval-tokens", "64", "--log-every", "1", "--warmup", "1",
+            "--samples", "0", "--no-progress", *extra]
+
+
+def test_cli_train_init_starts_from_the_weights_and_resumes(hf_dir, id_file, tmp_path, capsys):
+    """train --init DIR: the first logged loss is the loaded model's loss on step 0's batch (training starts
+    from DIR's weights, not a fresh model); the run records arch, model and init, and --resume continues it."""
+    from openxlstm.data import BatchSampler, load_data
+
+    out = tmp_path / "run"
+    assert main(init_args(hf_dir, id_file, out)) == 0
+    with open(out / "metrics.csv") as f:
+        first = float(next(csv.DictReader(f))["train_loss"])
+    data = load_data(str(id_file), None, 0.05)
+    x, y = BatchSampler(len(data.train), 8, 2, seed=0).batch(data.train, 0)[:2]
+    with torch.no_grad():
+        want = from_pretrained(hf_dir)(x, labels=y).loss.item()
+    assert abs(first - want) <= 1e-5
+    meta = json.loads((out / "ckpt-000002" / "config.json").read_text())
+    assert meta["arch"] == "xlstm-large" and meta["train"]["init"] == str(hf_dir)
+    assert meta["model"]["hidden_size"] == 64 and meta["train"]["arch"] == "xlstm-large"
+    assert main(["train", "--resume", "--out", str(out), "--max-steps", "3", "--no-progress"]) == 0
+    assert (out / "latest").read_text().strip() == "ckpt-000003"
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out), "--max-steps", "4", "--init", str(tmp_path)]) == 2
+    one_line_error(capsys, "--init differs from the checkpoint's")
+
+
+def test_cli_train_init_errors(hf_dir, id_file, tmp_path, capsys):
+    cases = [
+        (init_args(hf_dir, id_file, tmp_path / "a", "--arch", "xlstm"), "leave out --arch"),
+        (init_args(hf_dir, id_file, tmp_path / "b", "--preset", "125m"), "leave out --preset"),
+        (init_args(tmp_path / "missing", id_file, tmp_path / "c"), "does not exist"),
+        (init_args(id_file, id_file, tmp_path / "d"), "is a file"),
+        (init_args(tmp_path, id_file, tmp_path / "d2"), "--init: " + repr(str(tmp_path)) + " is not a checkpoint"),
+        (init_args(hf_dir, id_file, tmp_path / "e", "--tokenizer", "byte"),  # 257 byte ids > V
+         f"the data's vocabulary (257) is larger than the vocabulary of the --init model ({V})"),
+    ]
+    (tmp_path / "text.txt").write_text("some text " * 200)
+    cases.append((init_args(hf_dir, tmp_path / "text.txt", tmp_path / "f"), "has no tokenizer.json"))
+    for args, needle in cases:
+        assert main(args) == 2, args
+        one_line_error(capsys, needle)
+    assert not (tmp_path / "d2").exists()  # a bad --init is refused before the run directory is made
+    big = tmp_path / "big.npy"
+    np.save(big, np.arange(200, dtype=np.uint16).repeat(10))
+    assert main(init_args(hf_dir, big, tmp_path / "g")) == 2
+    one_line_error(capsys, f"(200) is larger than the vocabulary of the --init model ({V})")
+
+
+def test_cli_train_xlstm_large_from_scratch_then_init_from_the_run(tmp_path, capsys):
+    """--arch xlstm-large trains from scratch like the other architectures (here on packed byte documents);
+    --init of that run takes its architecture, model config, weights and byte tokenizer."""
+    from helpers_train import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=4)
+    small = json.dumps({"hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2})
+    assert main(["train", "--arch", "xlstm-large", "--config", small, "--data", str(corpus), "--out",
+                 str(tmp_path / "a"), "--max-steps", "2", "--seq-len", "16", "--batch-size", "2", "--eval-every", "100", "--eval-tokens",
+                 "64", "--samples", "0", "--no-progress"]) == 0
+    assert main(init_args(tmp_path / "a", corpus, tmp_path / "b", "--samples", "1", "--sample-tokens", "4")) == 0
+    a, b = (json.loads((tmp_path / r / "ckpt-000002" / "config.json").read_text()) for r in "ab")
+    assert b["arch"] == a["arch"] == "xlstm-large" and b["model"] == a["model"]
+    assert b["tokenizer"] == a["tokenizer"] and a["tokenizer"]["type"] == "byte"
+    assert "--- sample" in capsys.readouterr().out
+
+
+def test_cli_model_with_tokenizer_json(hf_dir, tmp_path, capsys):
+    """With a tokenizer.json in the directory: generate --model reads and writes text, and train --init uses
+    that tokenizer when --tokenizer is not given (the run saves it; --resume reads the run's copy)."""
+    import shutil
+
+    import tokenizers
+
+    shutil.copytree(hf_dir, tmp_path / "m")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(V - 7)}, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "m" / "tokenizer.json"))
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "w5 w7", "--max-new-tokens", "3",
+                 "--temperature", "0"]) == 0
+    want = from_pretrained(tmp_path / "m").generate("w5 w7", max_new_tokens=3, temperature=0)
+    assert capsys.readouterr().out == "w5 w7" + want + "\n"
+    (tmp_path / "words.txt").write_text(" ".join(f"w{i % 80}" for i in range(600)))
+    assert main(init_args(tmp_path / "m", tmp_path / "words.txt", tmp_path / "run")) == 0
+    meta = json.loads((tmp_path / "run" / "ckpt-000002" / "config.json").read_text())
+    assert meta["tokenizer"]["type"] == "hf" and (tmp_path / "run" / "ckpt-000002" / "tokenizer.json").is_file()
+    assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--max-steps", "3", "--no-progress"]) == 0

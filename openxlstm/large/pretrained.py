@@ -72,8 +72,9 @@ def _local_dir(path) -> Path:
     if p.exists():
         raise UserError(f"{str(path)!r} is a file: pass the checkpoint directory that holds config.json")
     if _HUB_NAME.match(str(path)):
-        raise UserError(f"{str(path)!r} is not a local directory, and openxlstm downloads nothing: fetch the files first "
-                        f"(huggingface-cli download {path} --local-dir DIR) and pass DIR")
+        raise UserError(f"{str(path)!r} does not exist as a local directory, and openxlstm downloads nothing: if it "
+                        f"names a Hugging Face model, fetch its files first (huggingface-cli download {path} "
+                        f"--local-dir DIR) and pass DIR")
     raise UserError(f"checkpoint directory {str(path)!r} does not exist")
 
 
@@ -92,7 +93,10 @@ def detect_format(p: Path) -> str:
     if (p / "latest").is_file():
         return "openxlstm"
     if (p / "config.json").is_file():
-        cfg = _read_json(p / "config.json")
+        try:
+            cfg = _read_json(p / "config.json")
+        except UserError as e:
+            raise UserError(f"checkpoint {str(p)!r} is corrupt: {e}") from None
         if cfg.get("format") == "openxlstm-checkpoint":
             return "openxlstm"
         if cfg.get("model_type") not in (None, "xlstm"):

@@ -1,9 +1,11 @@
 """``openxlstm train``: a language model on a token stream, through the training engine (``engine.py``).
 
 A TrainConfig names the data, the model and the budget; ``Trainer`` loads the data, builds the model of
-``--arch`` / ``--config`` / ``--preset`` and hands it to an ``Engine`` (which owns the optimizer, schedule,
-compile, checkpointing of activations, DDP / FSDP and checkpoints), then runs the engine's loop with
-periodic validation, a metrics CSV, a loss plot and samples at the end.
+``--arch`` / ``--config`` / ``--preset`` (or, with ``--init DIR``, loads the weights of a pretrained model:
+a transformers xLSTM directory such as xLSTM-7B's, the authors' xlstm_large layout or one of our runs) and
+hands it to an ``Engine`` (which owns the optimizer, schedule, compile, checkpointing of activations, DDP /
+FSDP and checkpoints), then runs the engine's loop with periodic validation, a metrics CSV, a loss plot and
+samples at the end.
 
 The batch of step t depends only on (seed, t) and every process takes its slice of the global batch, so
 a resumed run, and a run on W processes, follow the same trajectory as one uninterrupted process.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -25,12 +27,15 @@ from ..baselines import sized_lstm_config, sized_transformer_config
 from ..config import preset as xlstm_preset
 from ..config import xLSTMConfig
 from ..data import BatchSampler, eval_windows, load_data
+from ..data.dataset import TOKEN_FILE_SUFFIXES
 from ..data.packing import window_batch
 from ..data.tokenizer import HFTokenizer, load_tokenizer
 from ..errors import UserError
 from ..generation import generate
-from ..models import ARCHS, build_model, config_from_dict
-from .checkpoint import _write_text_atomic, read_meta, resolve_checkpoint, write_error
+from ..large.model import xLSTMLargeConfig
+from ..large.pretrained import TOKENIZER, detect_format, load_pretrained
+from ..models import ARCHS, arch_of, build_model, config_from_dict
+from .checkpoint import _write_text_atomic, model_description, read_meta, resolve_checkpoint, write_error
 from .distributed import (DistInfo, all_reduce_max, barrier, init_distributed, is_initialized, launched_by_torchrun,
                           shutdown)
 from .engine import Engine, EngineConfig
@@ -82,10 +87,11 @@ def _text(v) -> bool:
 _BOOL = ((lambda v: isinstance(v, bool)), "true or false")
 # every TrainConfig field: (check, what it allows); the error names the command-line option
 TRAIN_CHECKS = {
-    "arch": _one_of("xlstm", "lstm", "transformer"),
+    "arch": _one_of(*ARCHS),
     "model": ((lambda v: v is None or isinstance(v, dict)), "a JSON object of model config fields"),
     "preset": (_text, "SIZE[:RATIO], e.g. 125m:7:1"),
     "size": _optional(_int_range(1)),
+    "init": (_text, "a model directory (transformers, xlstm_large or an openxlstm run)"),
     "data": (_text, "a text file or folder, or a .bin / .npy token file"),
     "tokenizer": (_text, "byte, bpe:N or a tokenizer.json path"),
     "val_fraction": _number(0, True, 1, True),
@@ -134,6 +140,9 @@ class TrainConfig:
     model: Optional[dict] = None  # the architecture's config fields; None: the default model of `arch`
     preset: Optional[str] = None  # xLSTM paper preset "SIZE[:RATIO]", e.g. "125m:7:1"
     size: Optional[int] = None  # baselines: target parameter count (default: the default xLSTM's)
+    init: Optional[str] = None  # fine-tune: the weights (and arch, model config, tokenizer) of this model
+    # directory, read by openxlstm.large.load_pretrained; only a fresh run reads it (a resumed run's
+    # checkpoint holds the weights). arch, model, preset and size stay at their defaults with it.
     data: Optional[str] = None  # None: the embedded default corpus
     tokenizer: Optional[str] = None  # "byte" (text default), "bpe:N", or a tokenizer.json path
     val_fraction: float = 0.05
@@ -199,11 +208,17 @@ class TrainConfig:
 
 
 def default_model_config(arch: str, vocab_size: int, seq_len: int, size: Optional[int] = None) -> dict:
-    """The default model of each architecture; the baselines are sized to the default xLSTM's parameters."""
+    """The default model of each architecture; the baselines are sized to the default xLSTM's parameters,
+    "xlstm-large" is a small model of xLSTM-7B's architecture (4 blocks of width 128)."""
     xl = xLSTMConfig(vocab_size=vocab_size, embedding_dim=128, num_blocks=4, slstm_at=[1], mlstm_num_heads=4,
                      slstm_num_heads=4, context_length=seq_len)
     if arch == "xlstm":
         return xl.to_dict()
+    if arch == "xlstm-large":
+        if size is not None:
+            raise UserError("--size sizes the lstm and transformer baselines; give an xlstm-large model with "
+                            "--config (hidden_size, num_hidden_layers, num_heads, ...)")
+        return xLSTMLargeConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_heads=4).to_dict()
     target = size or ARCHS["xlstm"][1](xl).num_params()
     if arch == "lstm":
         return sized_lstm_config(target, vocab_size, num_layers=2, context_length=seq_len).to_dict()
@@ -267,6 +282,8 @@ class Trainer:
         self._saved_step = None
         ckpt = resolve_checkpoint(self.out if resume == "auto" else resume) if resume is not None else None
         meta = read_meta(ckpt) if ckpt is not None else None
+        if meta is None and cfg.init is not None:
+            check_init(cfg)
         if meta is not None and int(meta.get("step") or 0) >= cfg.last_step:  # before anything is written
             limit = (f"--stop-at {cfg.stop_at}" if cfg.stop_at is not None and cfg.stop_at < cfg.max_steps
                      else f"--max-steps {cfg.max_steps}")
@@ -306,6 +323,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         tokenizer_spec = cfg.tokenizer
+        init_model = None
+        if meta is None and cfg.init is not None:  # a fresh fine-tuning run: arch and model from --init
+            init_model, init_tokenizer = self._load_init(cfg)
+            if cfg.arch not in (TrainConfig.arch, arch_of(init_model)):
+                raise UserError(f"--init {cfg.init!r} holds a model of architecture {arch_of(init_model)}, but --arch "
+                                f"is {cfg.arch}: leave out --arch (the model comes from --init)")
+            cfg = self.cfg = replace(cfg, arch=arch_of(init_model), model=model_description(init_model)["model"])
+            if tokenizer_spec is None:
+                tokenizer_spec = init_tokenizer
         self.pack_documents = cfg.pack_documents
         if meta is not None and (meta.get("tokenizer") or {}).get("type") == "hf":
             tokenizer_spec = str(ckpt / HFTokenizer.FILE)
@@ -320,10 +346,17 @@ class Trainer:
             if meta["arch"] != cfg.arch:
                 raise UserError(f"the checkpoint holds a {meta['arch']} model, but --arch is {cfg.arch}")
             self.model_config = meta["model"]
+        elif init_model is not None:
+            self.model_config = cfg.model
         else:
             self.model_config = resolve_model_config(cfg, self.data.vocab_size)
-        model = build_model(cfg.arch, self.model_config)
-        if model.config.vocab_size != self.data.vocab_size:
+        model = init_model if init_model is not None else build_model(cfg.arch, self.model_config)
+        if cfg.init is not None:  # a pretrained vocabulary may be padded beyond its tokenizer's
+            if self.data.vocab_size > model.config.vocab_size:
+                raise UserError(f"the data's vocabulary ({self.data.vocab_size}) is larger than the vocabulary of the "
+                                f"--init model ({model.config.vocab_size}): encode the data with the model's "
+                                f"tokenizer, or give token ids below {model.config.vocab_size}")
+        elif model.config.vocab_size != self.data.vocab_size:
             raise UserError(f"the model's vocabulary ({model.config.vocab_size}) does not match the data's "
                             f"tokenizer ({self.data.vocab_size})")
         per_rank = cfg.batch_size // self.dist.world_size if cfg.batch_size % self.dist.world_size == 0 else 0
@@ -347,6 +380,26 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.metrics = MetricsLog(self.out, resume_step=self.engine.step if ckpt is not None else None)
+
+    def _load_init(self, cfg: TrainConfig):
+        """(model in float32 on the CPU, training mode; the tokenizer to use when --tokenizer is not given) from
+        --init: a transformers or xlstm_large directory (its tokenizer.json) or an openxlstm run (its
+        tokenizer)."""
+        init = Path(cfg.init).expanduser()
+        fmt = detect_format(init)
+        model, tokenizer, _ = load_pretrained(init, dtype=torch.float32, device="cpu")
+        if hasattr(model, "tokenizer"):
+            del model.tokenizer
+        if fmt != "openxlstm":
+            tokenizer = str(init / TOKENIZER) if (init / TOKENIZER).is_file() else None
+        if (cfg.tokenizer is None and tokenizer is None
+                and (cfg.data is None or Path(cfg.data).suffix not in TOKEN_FILE_SUFFIXES)):
+            why = ("the run was trained on a token file without a tokenizer" if fmt == "openxlstm"
+                   else f"it has no {TOKENIZER}")
+            raise UserError(f"--init {cfg.init!r} has no tokenizer ({why}): pass --tokenizer (e.g. the model's "
+                            f"tokenizer.json) or --data with a token file ({' or '.join(TOKEN_FILE_SUFFIXES)}) of "
+                            f"the model's ids")
+        return model.train(), tokenizer
 
     @property
     def step(self) -> int:
@@ -435,6 +488,24 @@ class Trainer:
         return list(zip(prompts, texts))
 
 
+def check_init(cfg: TrainConfig) -> None:
+    """A fresh run's --init: an existing directory, and no other model choice beside it (one-line UserErrors)."""
+    given = [f"--{name}" for name in ("model", "preset", "size") if getattr(cfg, name) is not None]
+    if given:
+        raise UserError(f"--init takes the architecture and model config from {cfg.init!r}: leave out "
+                        f"{', '.join(given).replace('--model', '--config')}")
+    init = Path(cfg.init).expanduser()
+    if not init.exists():
+        raise UserError(f"--init {cfg.init!r} does not exist: pass a model directory (transformers, xlstm_large "
+                        f"or an openxlstm run)")
+    if not init.is_dir():
+        raise UserError(f"--init {cfg.init!r} is a file: pass the model directory that holds it")
+    try:
+        detect_format(init)
+    except UserError as e:
+        raise UserError(f"--init: {e}") from None
+
+
 def train(cfg: TrainConfig, resume: Optional[str] = None, log=None) -> dict:
     """Run a whole training (see TrainConfig); returns the summary dict (also written to OUT/summary.json).
 
@@ -456,6 +527,6 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, log=None) -> dict:
     return result
 
 
-__all__ = ["TrainConfig", "Trainer", "train", "RunFinished", "TRAIN_CHECKS", "BIN_DTYPES", "lm_batches",
+__all__ = ["TrainConfig", "Trainer", "train", "check_init", "RunFinished", "TRAIN_CHECKS", "BIN_DTYPES", "lm_batches",
            "bits_per_byte", "default_model_config",
            "resolve_model_config"]
