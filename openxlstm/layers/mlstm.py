@@ -128,7 +128,9 @@ class mLSTMLayer(nn.Module):
 class _mLSTMCore(torch.autograd.Function):
     """The mLSTM layer between its projections, keeping for backward only xz (B, S, 2I), the cell's output and
     its small per-token statistics (Triton) or nothing more (PyTorch backends): everything else (conv, q/k/v
-    projections, gates, the output norm and gating) is recomputed in backward, where it costs little.
+    projections, gates, the output norm and gating) is recomputed in backward, where it costs little. The
+    final C and n are not kept either (a C per head and sequence): only a loss on the returned state needs
+    them, and then the backward recomputes them.
 
     Inputs: layer, backends, has_state, cu_seqlens, xz, the state's conv, C, n, m (None without a state), then
     the core parameters; outputs: a (B, S, I) and the new state's conv, C, n, m. Gradients reach xz, the
@@ -156,14 +158,14 @@ class _mLSTMCore(torch.autograd.Function):
             a, new_state = layer._core(xz, state, cell, cu_seqlens)
         saved = cell_saved["saved"]
         h32, stats = (None, None) if saved is None else saved
-        ctx.save_for_backward(xz, conv0, C0, n0, m0, h32, stats, new_state.C, new_state.n, cu_seqlens)
+        ctx.save_for_backward(xz, conv0, C0, n0, m0, h32, stats, cu_seqlens)  # not the final C, n: see backward
         ctx.layer, ctx.backend, ctx.chunk_size = layer, name, backends.chunk_size
         ctx.has_state, ctx.triton = has_state, saved is not None
         return (a, *new_state)
 
     @staticmethod
     def backward(ctx, da, d_conv, dC, dn, dm):
-        xz, conv0, C0, n0, m0, h32, stats, C_T, n_T, cu_seqlens = ctx.saved_tensors
+        xz, conv0, C0, n0, m0, h32, stats, cu_seqlens = ctx.saved_tensors
         layer = ctx.layer
         params = layer._core_params()
         dev = xz.device.type
@@ -203,7 +205,11 @@ class _mLSTMCore(torch.autograd.Function):
                     chunk_size=ctx.chunk_size, cu_seqlens=cu_seqlens)
                 cell_outs, cell_grads = [q, k, v, i, f], [dq, dk, dv, di, df]
                 m_leaf = [] if st is None else [st[2]]
-                if any(g is not None for g in (dC, dn, dm)):
+                if any(g is not None for g in (dC, dn, dm)):  # a loss on the returned state (rare): recompute it
+                    _, (C_T, n_T, _), _ = mlstm_forward_saving(q.detach(), k.detach(), v.detach(), i.detach(),
+                                                               f.detach(), None if st is None else (C0, n0, m0),
+                                                               backend=ctx.backend, chunk_size=ctx.chunk_size,
+                                                               cu_seqlens=cu_seqlens)
                     dm_true = _stabilizer_grad(dC, dn, dm, C_T, n_T)
                     starts = doc_starts(cu_seqlens, xz.shape[0], xz.shape[1], "mlstm", xz.device)
                     m_true = state_stabilizer(i.to(C_T.dtype), F.logsigmoid(f.to(C_T.dtype)),
