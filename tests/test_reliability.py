@@ -126,7 +126,8 @@ def test_a_weight_gone_nan_is_divergence_too():
 
 def test_old_grid_csv_without_status_is_read_and_upgraded(tmp_path):
     """A results.csv written before the status column: its finite rows are results ("ok"), its nan rows are not
-    (they run again); resuming rewrites it with the column (the original kept as .bak)."""
+    (they run again); resuming rewrites it with the column (the original kept as .bak, without replacing the
+    .bak of an earlier upgrade)."""
     old_fields = [c for c in CSV_FIELDS if c != "status"]
     path = tmp_path / "results.csv"
     with path.open("w", newline="") as f:
@@ -136,10 +137,17 @@ def test_old_grid_csv_without_status_is_read_and_upgraded(tmp_path):
             w.writerow({k: v for k, v in grid_row(seed, score).items() if k in old_fields})
     assert [r["seed"] for r in read_results(path)] == ["0"] and "status" not in read_results(path)[0]
     assert runner.write_report(tmp_path, log=lambda _: None) is not None  # the report reads it as it is
+    original = path.read_bytes()
+    (tmp_path / "results.csv.bak").write_text("an earlier upgrade's backup\n")
     assert [r["status"] for r in runner.upgrade_results(path)] == ["ok"]
-    assert (tmp_path / "results.csv.bak").is_file()
+    assert (tmp_path / "results.csv.bak").read_text() == "an earlier upgrade's backup\n"
+    assert (tmp_path / "results.csv.bak.1").read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir() if "results.csv" in p.name) == [
+        "results.csv", "results.csv.bak", "results.csv.bak.1"]
     with path.open(newline="") as f:
         assert next(csv.reader(f)) == CSV_FIELDS
+    assert runner.upgrade_results(path)[0]["seed"] == "0"  # already upgraded: nothing rewritten
+    assert not (tmp_path / "results.csv.bak.2").exists()
 
 
 def test_a_diverged_ablation_rung_is_recorded_and_a_cut_line_is_not_joined(tmp_path):
@@ -285,6 +293,13 @@ def test_wordlevel_tokenizer_without_unknown_token(corpus, tmp_path, capsys):
     tok.save(str(tmp_path / "wl.json"))
     assert main(tiny_args("lstm", corpus, tmp_path / "o", extra=["--tokenizer", str(tmp_path / "wl.json")])) == 2
     one_line_error(capsys, "needs an unknown token (unk_token)")
+    from openxlstm.data.tokenizer import HFTokenizer
+
+    def fails_without_message(text):
+        raise Exception()
+
+    with pytest.raises(UserError, match=r"cannot encode this text \(Exception\)"):  # not an IndexError
+        HFTokenizer._run(fails_without_message, "x")
 
 
 def test_train_config_checks_every_field():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence, Union
 
@@ -98,9 +100,10 @@ def append_row(path: Union[str, Path], row: dict, fields: Sequence[str]) -> None
 def upgrade_csv(path: Union[str, Path], fields: Sequence[str], defaults: Mapping[str, object]) -> list[dict]:
     """The result rows of ``path``, the file first rewritten in the columns ``fields`` if an older version wrote it
     with fewer: a column added since (such as ``status``) gets its value in ``defaults`` (what the older version
-    ran or meant), so the folder can still be resumed and appended to. The original is kept as ``<name>.bak``.
-    A CSV with columns outside ``fields``, or without one that has no default, is an error (nothing is
-    rewritten)."""
+    ran or meant), so the folder can still be resumed and appended to. The original is kept as ``<name>.bak``
+    (``<name>.bak.N`` when that exists: an earlier upgrade's backup is never replaced), and ``path`` is replaced
+    in one rename, so a crash leaves either the old or the new file. A CSV with columns outside ``fields``, or
+    without one that has no default, is an error (nothing is rewritten)."""
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return []
@@ -114,9 +117,17 @@ def upgrade_csv(path: Union[str, Path], fields: Sequence[str], defaults: Mapping
         raise ValueError(f"{path} has columns this version does not write ({', '.join(unknown or missing)}); "
                          f"use another --out")
     rows = [{**{c: defaults[c] for c in missing}, **r} for r in read_results(path)]
-    path.replace(path.with_name(path.name + ".bak"))
-    for r in rows:
-        append_row(path, r, fields)
+    backup, n = path.with_name(path.name + ".bak"), 0
+    while backup.exists():
+        n += 1
+        backup = path.with_name(f"{path.name}.bak.{n}")
+    tmp = path.with_name(f".{path.name}.upgrade")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in fields} for r in rows)
+    shutil.copy2(path, backup)
+    os.replace(tmp, path)
     return read_results(path)
 
 

@@ -227,8 +227,8 @@ def upgrade_results(path: Union[str, Path]) -> list[dict]:
 
     A column added since (such as ``schedule``) is filled with its CellSpec default, which is what the older
     version ran, so the folder can still be resumed and appended to; ``status`` is "ok" (the older version
-    counted only finite scores). The original is kept as ``results.csv.bak``. A CSV with columns this version
-    does not know is an error (nothing is rewritten).
+    counted only finite scores). The original is kept as ``results.csv.bak`` (``.bak.N`` if that exists). A
+    CSV with columns this version does not know is an error (nothing is rewritten).
     """
     return upgrade_csv(path, CSV_FIELDS, {**{f.name: f.default for f in fields(CellSpec)}, STATUS: OK})
 
