@@ -478,6 +478,12 @@ def test_cli_train_xlstm_large_from_scratch_then_init_from_the_run(tmp_path, cap
     assert b["arch"] == a["arch"] == "xlstm-large" and b["model"] == a["model"]
     assert b["tokenizer"] == a["tokenizer"] and a["tokenizer"]["type"] == "byte"
     assert "--- sample" in capsys.readouterr().out
+    # --init inside --out: refused before --overwrite could delete the model it starts from
+    before = sorted(p.name for p in (tmp_path / "a").iterdir())
+    for init in (tmp_path / "a", tmp_path / "a" / "ckpt-000002"):
+        assert main(init_args(init, corpus, tmp_path / "a", "--overwrite")) == 2
+        one_line_error(capsys, "lies in --out")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before
 
 
 def test_cli_model_with_tokenizer_json(hf_dir, tmp_path, capsys):

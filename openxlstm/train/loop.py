@@ -489,7 +489,8 @@ class Trainer:
 
 
 def check_init(cfg: TrainConfig) -> None:
-    """A fresh run's --init: an existing directory, and no other model choice beside it (one-line UserErrors)."""
+    """A fresh run's --init: an existing directory outside --out, and no other model choice beside it (one-line
+    UserErrors). Checked before the run directory is prepared, which with --overwrite deletes a run there."""
     given = [f"--{name}" for name in ("model", "preset", "size") if getattr(cfg, name) is not None]
     if given:
         raise UserError(f"--init takes the architecture and model config from {cfg.init!r}: leave out "
@@ -500,6 +501,10 @@ def check_init(cfg: TrainConfig) -> None:
                         f"or an openxlstm run)")
     if not init.is_dir():
         raise UserError(f"--init {cfg.init!r} is a file: pass the model directory that holds it")
+    out = Path(cfg.out).expanduser().resolve()
+    if init.resolve() == out or out in init.resolve().parents:
+        raise UserError(f"--init {cfg.init!r} lies in --out {cfg.out!r}: the new run would write over (with "
+                        f"--overwrite, delete) the model it starts from; choose another --out")
     try:
         detect_format(init)
     except UserError as e:
