@@ -33,6 +33,7 @@ from .evaluate import evaluate_contexts, format_table
 from .experiments import cli as experiments_cli
 from .generation import generate
 from .large.pretrained import load_pretrained
+from .models import ARCHS
 from .train.checkpoint import read_meta, resolve_checkpoint
 from .train.distributed import DistInfo
 from .train.engine import resolve_device
@@ -43,7 +44,6 @@ from .train.metrics import plot_losses
 _MODEL_FIELDS = ("arch", "model", "preset", "size", "init", "data", "tokenizer", "val_fraction", "bin_dtype",
                  "pack_documents")
 # flags that choose the model of a fresh run, which --init chooses instead
-_INIT_EXCLUDES = ("arch", "config", "preset", "size")
 # generate / eval --dtype: the dtype the weights are loaded in (auto: the checkpoint's)
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # flags that a resumed run does not take from the checkpoint: how it is launched now decides
@@ -138,7 +138,7 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a language model (no arguments: a small byte-level xLSTM on a "
                                      "built-in corpus, ~4 minutes on 2 idle CPU cores)")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=["xlstm", "lstm", "transformer", "xlstm-large"],
+    g.add_argument("--arch", choices=list(ARCHS),
                    help="architecture (default xlstm); xlstm-large: xLSTM-7B's architecture (small by default)")
     g.add_argument("--config", help="model config: a JSON file or inline JSON of the architecture's config fields "
                                     "(default: the architecture's default model)")
@@ -251,6 +251,9 @@ def _eval_parser(sub) -> None:
                         "without a training record, the built-in corpus through the model's tokenizer.json)")
     p.add_argument("--context", default="512,2048,8192", help="comma-separated context lengths in tokens")
     p.add_argument("--split", choices=["val", "all"], default="val", help="score the validation split or all data")
+    p.add_argument("--bin-dtype", choices=BIN_DTYPES, default=None,
+                   help="dtype of a raw .bin token file (default: the run's, else uint16 for vocabularies up to "
+                        "65,536 and uint32 above)")
     p.add_argument("--max-tokens", type=_positive_int, default=65536,
                    help="tokens scored per context, spread evenly over the split")
     p.add_argument("--device", type=_device_arg, default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -306,11 +309,8 @@ def _train_config(args) -> tuple:
         given["model"] = model
     if args.config is not None and args.preset is not None:
         raise UserError("use either --config or --preset, not both")
-    if args.init is not None:
-        clash = [f"--{name}" for name in _INIT_EXCLUDES if getattr(args, name) is not None]
-        if clash:
-            raise UserError(f"--init takes the architecture and model config from {args.init!r}: leave out "
-                            f"{', '.join(clash)}")
+    if args.init is not None and args.arch is not None:  # the other model choices: train.loop.check_init
+        raise UserError(f"--init takes the architecture and model config from {args.init!r}: leave out --arch")
     if args.resume is None:
         return TrainConfig(**given), None
     source = args.resume if args.resume != "auto" else given.get("out", TrainConfig.out)
@@ -437,7 +437,9 @@ def cmd_eval(args) -> int:
         given = data_path or ("none (the built-in corpus is text)" if args.data is None else "none")
         raise UserError(f"this model reads token ids ({_no_tokenizer(meta)}): --data must be a token file "
                         f"({' or '.join(TOKEN_FILE_SUFFIXES)}) of its ids, got {given}")
-    data = load_data(data_path, tokenizer, train_cfg.get("val_fraction", 0.05), train_cfg.get("bin_dtype", "uint16"))
+    bin_dtype = args.bin_dtype or train_cfg.get("bin_dtype") or ("uint16" if model.config.vocab_size <= 2**16 else "uint32")
+    data = load_data(data_path, tokenizer, train_cfg.get("val_fraction", 0.05), bin_dtype,
+                     train_cfg.get("pack_documents"))
     tokens = data.val if args.split == "val" else np.concatenate([data.train, data.val])
     top = int(tokens.max())
     if top >= model.config.vocab_size:

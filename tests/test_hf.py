@@ -478,6 +478,9 @@ def test_cli_train_xlstm_large_from_scratch_then_init_from_the_run(tmp_path, cap
     assert b["arch"] == a["arch"] == "xlstm-large" and b["model"] == a["model"]
     assert b["tokenizer"] == a["tokenizer"] and a["tokenizer"]["type"] == "byte"
     assert "--- sample" in capsys.readouterr().out
+    # the run has a tokenizer: another --tokenizer would feed its embeddings foreign ids
+    assert main(init_args(tmp_path / "a", corpus, tmp_path / "c", "--tokenizer", "bpe:300")) == 2
+    one_line_error(capsys, "--tokenizer with --init")
     # --init inside --out: refused before --overwrite could delete the model it starts from
     before = sorted(p.name for p in (tmp_path / "a").iterdir())
     for init in (tmp_path / "a", tmp_path / "a" / "ckpt-000002"):

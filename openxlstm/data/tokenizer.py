@@ -94,6 +94,8 @@ class HFTokenizer:
         try:
             return encode(texts)
         except Exception as e:  # the Rust library raises plain Exceptions, e.g. a WordLevel without unk_token
+            if type(e) is not Exception:  # a TypeError or the like is a bug, not the user's tokenizer
+                raise
             why = (str(e).strip().splitlines() or [type(e).__name__])[0]  # the first line; an empty message too
             raise UserError(f"the tokenizer cannot encode this text ({why}); a word-level "
                             f"tokenizer needs an unknown token (unk_token) for words outside its vocabulary") from None

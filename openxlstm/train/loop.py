@@ -142,7 +142,8 @@ class TrainConfig:
     size: Optional[int] = None  # baselines: target parameter count (default: the default xLSTM's)
     init: Optional[str] = None  # fine-tune: the weights (and arch, model config, tokenizer) of this model
     # directory, read by openxlstm.large.load_pretrained; only a fresh run reads it (a resumed run's
-    # checkpoint holds the weights). arch, model, preset and size stay at their defaults with it.
+    # checkpoint holds the weights). arch, model, preset and size must not be given: arch and model are
+    # filled from the directory.
     data: Optional[str] = None  # None: the embedded default corpus
     tokenizer: Optional[str] = None  # "byte" (text default), "bpe:N", or a tokenizer.json path
     val_fraction: float = 0.05
@@ -332,6 +333,9 @@ class Trainer:
             cfg = self.cfg = replace(cfg, arch=arch_of(init_model), model=model_description(init_model)["model"])
             if tokenizer_spec is None:
                 tokenizer_spec = init_tokenizer
+            elif init_tokenizer is not None:
+                raise UserError(f"--tokenizer with --init: the model of {cfg.init!r} reads the ids of its own "
+                                f"tokenizer, which the run uses; leave out --tokenizer")
         self.pack_documents = cfg.pack_documents
         if meta is not None and (meta.get("tokenizer") or {}).get("type") == "hf":
             tokenizer_spec = str(ckpt / HFTokenizer.FILE)
