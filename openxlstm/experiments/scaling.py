@@ -297,6 +297,7 @@ def write_scaling_report(out_dir: Union[str, Path], log: Callable[[str], None] =
 
 def scaling_plot(rows: list[dict], fitted: dict, path: Union[str, Path]) -> None:
     plt = pyplot()
+    from matplotlib.ticker import NullFormatter
     fig, axes = plt.subplots(1, len(AXES), figsize=(4.2 * len(AXES), 3.6))
     for arch, rs in _by_arch(rows).items():
         color = None
@@ -310,6 +311,7 @@ def scaling_plot(rows: list[dict], fitted: dict, path: Union[str, Path]) -> None
                 xs = np.geomspace(min(x), max(x), 50)
                 ax.plot(xs, a * xs ** b, "-", color=color, alpha=0.7, label=f"{arch}: x^{b:.3f}")
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the 2x, 3x, ... labels of a short log axis overlap
             ax.set_xlabel(label)
             ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("validation loss (nats/byte; fits: a x^b)")
