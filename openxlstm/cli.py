@@ -136,7 +136,7 @@ _positive_int = _int_arg(1)
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a language model (no arguments: a small byte-level xLSTM on a "
-                                     "built-in corpus, ~4 minutes on 2 idle CPU cores)")
+                                     "built-in corpus, ~6 minutes on 2 idle CPU cores)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=list(ARCHS),
                    help="architecture (default xlstm); xlstm-large: xLSTM-7B's architecture (small by default)")
