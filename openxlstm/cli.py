@@ -441,6 +441,8 @@ def cmd_eval(args) -> int:
     data = load_data(data_path, tokenizer, train_cfg.get("val_fraction", 0.05), bin_dtype,
                      train_cfg.get("pack_documents"))
     tokens = data.val if args.split == "val" else np.concatenate([data.train, data.val])
+    starts = data.val_starts if args.split == "val" or data.val_starts is None else np.concatenate(
+        [data.train_starts, data.val_starts + len(data.train)])
     top = int(tokens.max())
     if top >= model.config.vocab_size:
         raise UserError(f"the data holds token id {top}, outside the model's vocabulary of {model.config.vocab_size}")
@@ -453,7 +455,8 @@ def cmd_eval(args) -> int:
              f"{source} format" if source != "openxlstm" else "step unknown")
     print(f"{meta.get('arch', 'model')} checkpoint {meta.get('path', '?')} ({where}); data: {data.description}")
     rows = evaluate_contexts(model, tokens, contexts, max_tokens=args.max_tokens,
-                             device=next(model.parameters()).device, bytes_per_token=data.bytes_per_token)
+                             device=next(model.parameters()).device, bytes_per_token=data.bytes_per_token,
+                             doc_starts=starts)
     print(format_table(rows))
     return 0
 

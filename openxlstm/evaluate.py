@@ -13,12 +13,17 @@ from .train.loop import bits_per_byte, lm_batches
 
 
 def evaluate_contexts(model, tokens: np.ndarray, contexts: Sequence[int], max_tokens: int = 65536,
-                      batch_tokens: int = 16384, device="cpu", bytes_per_token: Optional[float] = None) -> list[dict]:
+                      batch_tokens: int = 16384, device="cpu", bytes_per_token: Optional[float] = None,
+                      doc_starts: Optional[np.ndarray] = None) -> list[dict]:
     """One row per context length C: {"context", "tokens", "loss", "ppl", "bpb"}; each row scores up to
-    ``max_tokens`` target tokens in windows of C (batches of about ``batch_tokens`` tokens)."""
+    ``max_tokens`` target tokens in windows of C (batches of about ``batch_tokens`` tokens). With the document
+    starts of packed tokens (``doc_starts``), every document in a window starts from a fresh state and no
+    target crosses a boundary, as in packed training; a window's context is then the part of it in the
+    token's own document."""
     rows = []
     for context in contexts:
-        result = evaluate_model(model, lm_batches(tokens, context, max_tokens, max(1, batch_tokens // context)), device)
+        batches = lm_batches(tokens, context, max_tokens, max(1, batch_tokens // context), doc_starts=doc_starts)
+        result = evaluate_model(model, batches, device)
         loss = result.loss
         rows.append({"context": context, "tokens": result.tokens, "loss": loss, "ppl": math.exp(min(loss, 700.0)),
                      "bpb": bits_per_byte(loss, bytes_per_token)})

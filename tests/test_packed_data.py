@@ -134,3 +134,22 @@ def test_runs_from_before_the_end_of_document_token(corpus, tmp_path):
     result = train(cfg, resume=str(run), log=logs.append)
     assert result["steps"] == 3 and not any("packed" in line for line in logs)
     assert read_meta(resolve_checkpoint(run))["tokenizer"] == {"type": "byte", "eod": False}
+
+
+def test_evaluate_contexts_on_packed_tokens_equals_documents_alone():
+    """openxlstm eval on packed tokens: a window holding two documents scores each as if alone (fresh state at
+    the second, no target across the boundary), as packed training does."""
+    from openxlstm.evaluate import evaluate_contexts
+
+    torch.manual_seed(0)
+    model = xLSTMLM(xLSTMConfig(vocab_size=40, embedding_dim=16, num_blocks=2, slstm_at=[1], mlstm_num_heads=2,
+                                slstm_num_heads=2)).eval()
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 40, 10), rng.integers(0, 40, 13)
+    packed = evaluate_contexts(model, np.concatenate([a, b]), [22], doc_starts=np.array([0, 10]))[0]
+    alone = [evaluate_contexts(model, doc, [len(doc) - 1])[0] for doc in (a, b)]
+    assert packed["tokens"] == sum(r["tokens"] for r in alone) == 9 + 12
+    expected = sum(r["loss"] * r["tokens"] for r in alone) / packed["tokens"]
+    assert abs(packed["loss"] - expected) <= 1e-5 * expected
+    leaky = evaluate_contexts(model, np.concatenate([a, b]), [22])[0]  # without the starts: across the boundary
+    assert leaky["tokens"] == 22 and abs(leaky["loss"] - expected) > 1e-3
