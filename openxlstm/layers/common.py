@@ -31,12 +31,11 @@ def run_block(block: nn.Module, checkpointing: bool, *args):
     return block(*args)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm over the last dimension with a weight and an optional bias (the reference has no bias)."""
+class _AffineNorm(nn.Module):
+    """A normalization's per-unit weight (ones) and optional bias (zeros) over ``dim`` units."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = False):
+    def __init__(self, dim: int, bias: bool):
         super().__init__()
-        self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
@@ -44,32 +43,36 @@ class LayerNorm(nn.Module):
         nn.init.ones_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    def _affine(self, y: torch.Tensor) -> torch.Tensor:
+        y = y * self.weight
+        return y if self.bias is None else y + self.bias
+
+
+class LayerNorm(_AffineNorm):
+    """LayerNorm over the last dimension with a weight and an optional bias (the reference has no bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = False):
+        super().__init__(dim, bias)
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(_AffineNorm):
     """x / rms(x) over the last dimension (reduced in float32 when ``force_float32``), then weight (+ bias).
     Used by the Transformer baseline and xLSTM-7B."""
 
     def __init__(self, dim: int, eps: float = 1e-5, bias: bool = False, force_float32: bool = True):
-        super().__init__()
+        super().__init__(dim, bias)
         self.eps, self.force_float32 = eps, force_float32
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-
-    def reset_parameters(self):
-        nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float() if self.force_float32 else x, (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
-        return y if self.bias is None else y + self.bias
+        return self._affine(F.rms_norm(x.float() if self.force_float32 else x, (x.shape[-1],), eps=self.eps).to(x.dtype))
 
 
-class MultiHeadNorm(nn.Module):
+class MultiHeadNorm(_AffineNorm):
     """Normalize each head separately (GroupNorm with one group per head: LayerNorm over d without affine)
     and scale by a per-unit weight (+ bias); reduced in float32 when ``force_float32``.
 
@@ -78,20 +81,12 @@ class MultiHeadNorm(nn.Module):
 
     def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-5, bias: bool = False,
                  force_float32: bool = False):
-        super().__init__()
+        super().__init__(num_heads * head_dim, bias)
         self.num_heads, self.head_dim, self.eps, self.force_float32 = num_heads, head_dim, eps, force_float32
-        self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
-        self.bias = nn.Parameter(torch.zeros(num_heads * head_dim)) if bias else None
-
-    def reset_parameters(self):
-        nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.layer_norm(x.float() if self.force_float32 else x, (self.head_dim,), eps=self.eps).to(x.dtype)
-        y = y.flatten(-2) * self.weight
-        return y if self.bias is None else y + self.bias
+        return self._affine(y.flatten(-2))
 
 
 class BlockDiagonalLinear(nn.Module):
