@@ -5,8 +5,9 @@ from .config import preset, xLSTMConfig
 from .layers import Backends, LMOutput
 from .generation import generate
 from .interop import load_official, save_official
-from .large import from_pretrained, xLSTMLargeConfig, xLSTMLargeLM
+from .large import xLSTMLargeConfig, xLSTMLargeLM
 from .model import xLSTMLM
+from .train.checkpoint import from_pretrained
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,7 @@ Every option's ``--help`` line says what it does and its default.
 
 ``generate`` and ``eval`` read a model with ``--checkpoint`` (an ``openxlstm train`` run) or ``--model`` (a
 pretrained model: transformers' ``xLSTMForCausalLM`` directory such as xLSTM-7B's, the authors'
-``xlstm_large`` layout, or a run too), both through ``openxlstm.large.load_pretrained``; ``train --init DIR``
+``xlstm_large`` layout, or a run too), both through ``openxlstm.train.checkpoint.load_pretrained``; ``train --init DIR``
 fine-tunes such a model.
 """
 
@@ -32,9 +32,8 @@ from .errors import UserError
 from .evaluate import evaluate_contexts, format_table
 from .experiments import cli as experiments_cli
 from .generation import generate
-from .large.pretrained import load_pretrained
 from .models import ARCHS
-from .train.checkpoint import read_meta, resolve_checkpoint
+from .train.checkpoint import load_pretrained, read_meta, resolve_checkpoint
 from .train.distributed import DistInfo
 from .train.engine import resolve_device
 from .train.loop import BIN_DTYPES, DEVICE_RE, TrainConfig, train

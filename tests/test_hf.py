@@ -21,7 +21,7 @@ from openxlstm import from_pretrained, generate, xLSTMLargeConfig, xLSTMLargeLM
 from openxlstm.cli import main
 from openxlstm.errors import UserError
 from openxlstm.large.model import soft_capped_cross_entropy
-from openxlstm.large.pretrained import load_pretrained
+from openxlstm.train.checkpoint import load_pretrained
 from openxlstm.train.checkpoint import save_checkpoint
 
 try:

@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from ..ops.cross_entropy import IGNORE_INDEX
 
 
 class PackedTokens(NamedTuple):

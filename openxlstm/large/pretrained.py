@@ -1,16 +1,17 @@
 """Checkpoint directories of xLSTM-7B-style models: load them from three layouts, save them in one.
 
-``from_pretrained(path)`` reads, from a local directory only (nothing is fetched):
+``load_hf(path)`` reads, from a local directory only (nothing is fetched):
 
 * transformers (``xLSTMForCausalLM.save_pretrained``): config.json (model_type "xlstm"), model.safetensors
   or shards model-0000k-of-0000n.safetensors with model.safetensors.index.json, tokenizer.json if any;
 * the authors' ``xlstm_large``: config.yaml (``xLSTMLargeConfig`` fields), model.safetensors or shards
   model_0.safetensors, model_1.safetensors, ...; the same weights, the embedding named ``embedding.weight``;
-* our run or checkpoint directories (``openxlstm train``): ``openxlstm.train.checkpoint.load_model``.
+* our run or checkpoint directories (``openxlstm train``) are told apart here (``detect_format``) and read by
+  ``openxlstm.train.checkpoint`` (``openxlstm.from_pretrained`` takes all three).
 
 The model is built on the meta device and every tensor is read from its shard only when its parameter is
 filled, so peak memory stays near the model's size. ``save_pretrained`` writes transformers' layout into a
-temporary directory renamed into place, sharded above ``max_shard_size``.
+temporary directory renamed into place, sharded above ``max_shard_size`` (``save.py``).
 """
 
 from __future__ import annotations
@@ -28,20 +29,13 @@ from torch import nn
 
 from ..errors import UserError
 from .model import xLSTMLargeConfig, xLSTMLargeLM
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-TOKENIZER = "tokenizer.json"
+from .save import INDEX, SINGLE, TOKENIZER
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
            "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
 
-# transformers' xLSTMConfig fields that choose kernels and modes, written so that any machine loads the model
-_TRANSFORMERS_RUNTIME = {"chunkwise_kernel": "chunkwise--native_autograd", "sequence_kernel": "native_sequence__native",
-                         "step_kernel": "native", "mode": "inference", "chunk_size": 64, "return_last_states": True,
-                         "autocast_kernel_dtype": "bfloat16", "inference_state_dtype": "float32", "use_cache": True}
 _XLSTM_LARGE_FIELDS = ("vocab_size", "num_heads", "use_bias", "norm_eps", "norm_reduction_force_float32",
                        "add_out_norm", "qk_dim_factor", "v_dim_factor", "eps", "ffn_proj_factor",
                        "ffn_round_up_to_multiple_of", "gate_soft_cap", "output_logit_soft_cap")
@@ -65,7 +59,7 @@ def resolve_device(device) -> torch.device:
         raise UserError(f"device {device!r} is not a valid device (cpu, cuda, cuda:N)") from None
 
 
-def _local_dir(path) -> Path:
+def local_dir(path) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         return p
@@ -142,17 +136,6 @@ def config_from_transformers(cfg: dict, where: str = "config.json") -> xLSTMLarg
     kw["num_hidden_layers"] = _alias(cfg, "num_hidden_layers", "num_blocks", where)
     kw["add_out_norm"] = True
     return _config(kw, where)
-
-
-def config_to_transformers(config: xLSTMLargeConfig, dtype: torch.dtype) -> dict:
-    """The config.json of transformers' ``xLSTMForCausalLM`` for our config."""
-    if not config.add_out_norm:
-        raise ValueError("transformers' xLSTM always applies an output norm: a model without one (add_out_norm=False) "
-                         "cannot be saved in its format")
-    name = str(dtype).removeprefix("torch.")
-    return {"architectures": ["xLSTMForCausalLM"], "model_type": "xlstm", **config.to_dict(),
-            "embedding_dim": config.hidden_size, "num_blocks": config.num_hidden_layers, **_TRANSFORMERS_RUNTIME,
-            "dtype": name}
 
 
 def _xlstm_large_config(p: Path, fused: bool) -> xLSTMLargeConfig:
@@ -291,23 +274,17 @@ def _tokenizer(p: Path):
 
 
 # loading --------------------------------------------------------------------------------------------------
-def load_pretrained(path, dtype=None, device=None):
-    """(model in eval mode, tokenizer or None, info) from a transformers, xlstm_large or openxlstm directory.
+def load_hf(path, dtype=None, device=None):
+    """(model in eval mode, tokenizer or None, info) from a transformers or xlstm_large directory (an openxlstm
+    run is refused here: ``openxlstm.train.checkpoint.load_pretrained`` reads all three).
 
-    info: {"source": "transformers" | "xlstm_large" | "openxlstm", "arch", "path", "step", "train"} (for an
-    openxlstm run, its checkpoint's meta with "source" added).
+    info: {"source": "transformers" | "xlstm_large", "arch": "xlstm-large", "path", "step": None, "train": {}}.
     """
-    p = _local_dir(path)
+    p = local_dir(path)
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     fmt = detect_format(p)
     if fmt == "openxlstm":
-        from ..train.checkpoint import load_model
-
-        model, tokenizer, meta = load_model(p, device=device)
-        if dtype is not None:
-            model.to(dtype)
-        model.tokenizer = tokenizer
-        return model, tokenizer, dict(meta, source="openxlstm")
+        raise UserError(f"{str(p)!r} is an openxlstm run: load it with openxlstm.from_pretrained")
     files = _weight_files(p, fmt)
     names = _weight_names(files)
     if fmt == "transformers":
@@ -331,112 +308,4 @@ def _from_xlstm_large(key: str) -> str:
     return "backbone.embeddings.weight" if key == "embedding.weight" else key
 
 
-def from_pretrained(path, dtype=None, device=None) -> nn.Module:
-    """The model of a local checkpoint directory, in eval mode, with its tokenizer as ``model.tokenizer``.
-
-    Args:
-        path: a directory written by transformers' ``save_pretrained`` (xLSTM-7B and its kind), in the authors'
-            ``xlstm_large`` layout, or an ``openxlstm train`` run / checkpoint directory. A hub name such as
-            "NX-AI/xLSTM-7b" is refused: download the files first.
-        dtype: torch.dtype or name ("bfloat16", "float32", ...); None keeps the checkpoint's.
-        device: where the weights go (default CPU); they are read there tensor by tensor.
-    """
-    return load_pretrained(path, dtype=dtype, device=device)[0]
-
-
-# saving ---------------------------------------------------------------------------------------------------
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(size: Union[int, str]) -> int:
-    """Bytes from an int or a string such as "5GB", "500MB", "2GiB"."""
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    match = _SIZE.match(str(size))
-    if not match or float(match.group(1)) <= 0:
-        raise ValueError(f"max_shard_size {size!r}: give a positive number of bytes or a size like '5GB', '500MB', '2GiB'")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
-
-
-def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
-    """Names grouped in order into shards of at most ``limit`` bytes (a larger tensor gets a shard alone)."""
-    shards, size = [[]], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
-
-
-def save_pretrained(model: xLSTMLargeLM, directory, max_shard_size: Union[int, str] = "5GB",
-                    overwrite: bool = False) -> Path:
-    """Write ``model`` in transformers' layout: config.json, model.safetensors (or shards of at most
-    ``max_shard_size`` with model.safetensors.index.json) and tokenizer.json when the model has a
-    ``tokenizers`` tokenizer. Written into a temporary directory renamed into place; an existing non-empty
-    ``directory`` is replaced only with ``overwrite=True``."""
-    from safetensors.torch import save_file
-
-    if not isinstance(model, xLSTMLargeLM):
-        raise TypeError(f"save_pretrained writes xLSTMLargeLM models (transformers' xLSTM), got {type(model).__name__}")
-    target = Path(directory).expanduser()
-    if target.exists() and not target.is_dir():
-        raise UserError(f"{str(target)!r} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise UserError(f"{str(target)!r} is not empty: pass overwrite=True to replace it")
-    limit = parse_size(max_shard_size)
-    tensors = dict(model.state_dict())
-    if model.config.tie_word_embeddings:  # transformers' xLSTM does not tie on load: the head is stored too
-        tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()
-    dtype = model.backbone.embeddings.weight.dtype
-    config = config_to_transformers(model.config, dtype)
-    groups = _shards(tensors, limit)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        weight_map = {}
-        for k, names in enumerate(groups, start=1):
-            file = SINGLE if len(groups) == 1 else f"model-{k:05d}-of-{len(groups):05d}.safetensors"
-            save_file({n: tensors[n].detach().to("cpu").contiguous() for n in names}, str(tmp / file),
-                      metadata={"format": "pt"})
-            weight_map.update({n: file for n in names})
-        if len(groups) > 1:
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is not None and hasattr(tokenizer, "tokenizer") and hasattr(tokenizer.tokenizer, "save"):
-            tokenizer.tokenizer.save(str(tmp / TOKENIZER))
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing target (emptiness or overwrite already checked) is set aside
-    first and deleted only once ``new`` is in place."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-__all__ = ["from_pretrained", "load_pretrained", "save_pretrained", "detect_format", "config_from_transformers",
-           "config_to_transformers", "resolve_dtype", "parse_size"]
+__all__ = ["load_hf", "detect_format", "config_from_transformers", "resolve_dtype", "resolve_device", "local_dir"]

@@ -41,6 +41,7 @@ from safetensors.torch import save_model as st_save_model
 
 from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
+from ..large.pretrained import detect_format, load_hf, local_dir, resolve_device, resolve_dtype
 from ..models import arch_of, build_model
 
 FORMAT = "openxlstm-checkpoint"
@@ -330,6 +331,37 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), checkpoint_tokenizer(meta, ckpt), meta
 
 
+def load_pretrained(path, dtype=None, device=None):
+    """(model in eval mode, tokenizer or None, info) from any local model directory: an openxlstm run or
+    checkpoint, a transformers ``xLSTMForCausalLM`` directory (xLSTM-7B) or the authors' ``xlstm_large`` layout
+    (``openxlstm.large.pretrained``). ``dtype``: torch.dtype or name, None keeps the checkpoint's; ``device``:
+    default CPU. info: the run's meta for our runs, else {"source", "arch", "path", "step": None, "train": {}};
+    always with "source" ("openxlstm", "transformers" or "xlstm_large"). The tokenizer is also
+    ``model.tokenizer``."""
+    p = local_dir(path)
+    if detect_format(p) != "openxlstm":
+        return load_hf(p, dtype=dtype, device=device)
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    model, tokenizer, meta = load_model(p, device=device)
+    if dtype is not None:
+        model.to(dtype)
+    model.tokenizer = tokenizer
+    return model, tokenizer, dict(meta, source="openxlstm")
+
+
+def from_pretrained(path, dtype=None, device=None) -> torch.nn.Module:
+    """The model of a local checkpoint directory, in eval mode, with its tokenizer as ``model.tokenizer``.
+
+    Args:
+        path: a directory written by transformers' ``save_pretrained`` (xLSTM-7B and its kind), in the authors'
+            ``xlstm_large`` layout, or an ``openxlstm train`` run / checkpoint directory. A hub name such as
+            "NX-AI/xLSTM-7b" is refused: download the files first.
+        dtype: torch.dtype or name ("bfloat16", "float32", ...); None keeps the checkpoint's.
+        device: where the weights go (default CPU); they are read there tensor by tensor.
+    """
+    return load_pretrained(path, dtype=dtype, device=device)[0]
+
+
 def checkpoint_tokenizer(meta: dict, ckpt: Path):
     """The tokenizer a checkpoint records, or None for a model of token ids (a token-file run without a
     tokenizer: ``{"type": "none"}``, or no record at all)."""
@@ -378,5 +410,5 @@ def _trainer_state_problem(state) -> Optional[str]:
 
 
 __all__ = ["save_checkpoint", "begin_checkpoint", "finish_checkpoint", "resolve_checkpoint", "read_meta",
-           "load_weights", "load_model", "load_trainer_state", "checkpoint_tokenizer", "check_config_unchanged", "clean_leftovers",
+           "load_weights", "load_model", "load_pretrained", "from_pretrained", "load_trainer_state", "checkpoint_tokenizer", "check_config_unchanged", "clean_leftovers",
            "read_latest", "write_error", "WEIGHTS_FILE", "DCP_DIR"]

@@ -42,14 +42,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from ..data.packing import split_micro_batches
 from ..errors import UserError
 from ..models import arch_of, build_model
+from ..ops.cross_entropy import IGNORE_INDEX
 from .checkpoint import (DCP_DIR, WEIGHTS_FILE, begin_checkpoint, finish_checkpoint, load_trainer_state, load_weights,
                          save_checkpoint)
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, is_initialized
 from .metrics import MetricsLog
 from .parallel import apply_ddp, apply_fsdp
 from .schedule import CosineSchedule
-
-IGNORE_INDEX = -100  # a label that is not scored (torch's cross_entropy convention)
 
 
 class TrainingDiverged(UserError):

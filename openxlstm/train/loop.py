@@ -33,9 +33,10 @@ from ..data.tokenizer import HFTokenizer, load_tokenizer
 from ..errors import UserError
 from ..generation import generate
 from ..large.model import xLSTMLargeConfig
-from ..large.pretrained import TOKENIZER, detect_format, load_pretrained
+from ..large.pretrained import detect_format
+from ..large.save import TOKENIZER
 from ..models import ARCHS, arch_of, build_model, config_from_dict
-from .checkpoint import _write_text_atomic, model_description, read_meta, resolve_checkpoint, write_error
+from .checkpoint import _write_text_atomic, load_pretrained, model_description, read_meta, resolve_checkpoint, write_error
 from .distributed import (DistInfo, all_reduce_max, barrier, init_distributed, is_initialized, launched_by_torchrun,
                           shutdown)
 from .engine import Engine, EngineConfig
@@ -141,7 +142,7 @@ class TrainConfig:
     preset: Optional[str] = None  # xLSTM paper preset "SIZE[:RATIO]", e.g. "125m:7:1"
     size: Optional[int] = None  # baselines: target parameter count (default: the default xLSTM's)
     init: Optional[str] = None  # fine-tune: the weights (and arch, model config, tokenizer) of this model
-    # directory, read by openxlstm.large.load_pretrained; only a fresh run reads it (a resumed run's
+    # directory, read by openxlstm.train.checkpoint.load_pretrained; only a fresh run reads it (a resumed run's
     # checkpoint holds the weights). arch, model, preset and size must not be given: arch and model are
     # filled from the directory.
     data: Optional[str] = None  # None: the embedded default corpus
