@@ -29,7 +29,7 @@ from ..data import ByteTokenizer, default_corpus, split_documents
 from ..train.engine import Engine
 from ..train.schedule import CosineSchedule
 from .models import build_model, canonical_name
-from .results import DIVERGED, OK, STATUS, append_row, is_diverged, read_results, upgrade_csv
+from .results import DIVERGED, OK, STATUS, append_row, is_diverged, pending, read_results
 from .runner import RunOptions, fit_or_diverge
 
 LADDER = ("lstm", "reslstm", "xlstm[0:1]", "xlstm[7:1]")
@@ -145,9 +145,7 @@ def run_ablation(models: list[str], out_dir: Union[str, Path], max_seconds: Opti
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "ablation.csv"
     specs = [AblationSpec(model=canonical_name(m), **settings) for m in models]
-    existing = upgrade_csv(csv_path, CSV_FIELDS, {STATUS: OK})  # older CSVs: no status column
-    done = {tuple(r[k] for k in SPEC_FIELDS) for r in existing}
-    todo = [s for s in specs if tuple(str(v) for v in asdict(s).values()) not in done]
+    todo = pending(specs, csv_path, CSV_FIELDS, SPEC_FIELDS)
     log(f"{len(specs)} rungs, {len(specs) - len(todo)} already in {csv_path}, {len(todo)} to run")
     new_rows = []
     if todo:

@@ -48,8 +48,7 @@ from ..errors import UserError
 from ..train.engine import Engine
 from .formal import IGNORE
 from .models import build_model, canonical_name
-from .results import (DIVERGED, OK, STATUS, append_row, done_keys, is_diverged, markdown, pyplot, read_results,
-                      upgrade_csv)
+from .results import DIVERGED, OK, STATUS, append_row, is_diverged, markdown, pending, pyplot, read_results
 from .runner import RunOptions, classifier_head, fit_or_diverge, lr_schedule
 
 TASK_NAMES = ("retrieval", "listops", "pathfinder", "image", "rgb_image")
@@ -483,9 +482,7 @@ def run_lra(specs: list[LRASpec], out_dir: Union[str, Path], max_seconds: Option
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "lra.csv"
-    upgrade_csv(csv_path, CSV_FIELDS, {STATUS: OK})  # older CSVs: no status column
-    done = done_keys(csv_path, KEY_FIELDS)
-    todo = [s for s in specs if tuple(str(v) for v in asdict(s).values()) not in done]
+    todo = pending(specs, csv_path, CSV_FIELDS, KEY_FIELDS)
     log(f"LRA: {len(specs)} cells, {len(specs) - len(todo)} already in {csv_path}, {len(todo)} to run")
     tasks: dict = {}
     rows, start = [], time.time()

@@ -12,6 +12,7 @@ import csv
 import math
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence, Union
 
@@ -69,6 +70,14 @@ def done_keys(path: Union[str, Path], key_fields: Sequence[str]) -> set:
         raise ValueError(f"{path} lacks the columns {missing}: it was written by another experiment or version; "
                          "use another --out")
     return {row_key(r, key_fields) for r in rows}
+
+
+def pending(specs: Sequence, path: Union[str, Path], fields: Sequence[str], key_fields: Sequence[str]) -> list:
+    """The dataclass ``specs`` not yet in the results CSV ``path`` (their fields in order are its
+    ``key_fields``), after upgrading an older CSV to ``fields`` (a missing status column reads as ok)."""
+    upgrade_csv(path, fields, {STATUS: OK})
+    done = done_keys(path, key_fields)
+    return [s for s in specs if tuple(str(v) for v in asdict(s).values()) not in done]
 
 
 def start_row(path: Union[str, Path]) -> bool:
@@ -148,5 +157,5 @@ def pyplot():
     return plt
 
 
-__all__ = ["STATUS", "OK", "DIVERGED", "SCORE_FIELDS", "is_diverged", "is_result", "row_key", "done_keys", "start_row",
+__all__ = ["STATUS", "OK", "DIVERGED", "SCORE_FIELDS", "is_diverged", "is_result", "row_key", "done_keys", "pending", "start_row",
            "append_row", "upgrade_csv", "markdown", "pyplot", "read_results"]

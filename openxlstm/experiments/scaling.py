@@ -42,8 +42,7 @@ from ..train.engine import Engine
 from ..train.schedule import CosineSchedule
 from .ablation import load_bytes, val_batches
 from .models import build_model, canonical_name
-from .results import (DIVERGED, OK, STATUS, append_row, done_keys, is_diverged, markdown, pyplot, read_results,
-                      upgrade_csv)
+from .results import DIVERGED, OK, STATUS, append_row, is_diverged, markdown, pending, pyplot, read_results
 from .runner import RunOptions, fit_or_diverge
 
 ARCHS = ("xlstm[1:0]", "xlstm[7:1]", "transformer")
@@ -210,9 +209,7 @@ def run_scaling(specs: list[ScalingSpec], out_dir: Union[str, Path], max_seconds
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "scaling.csv"
-    upgrade_csv(csv_path, CSV_FIELDS, {STATUS: OK})  # older CSVs: no status column
-    done = done_keys(csv_path, KEY_FIELDS)
-    todo = [s for s in specs if tuple(str(v) for v in asdict(s).values()) not in done]
+    todo = pending(specs, csv_path, CSV_FIELDS, KEY_FIELDS)
     log(f"scaling: {len(specs)} runs, {len(specs) - len(todo)} already in {csv_path}, {len(todo)} to run")
     rows, start = [], time.time()
     if todo:
