@@ -87,3 +87,16 @@ def test_fsdp_checkpoint_resumes_on_other_process_counts(runs, corpus, tmp_path)
     assert sorted(p.name for p in (tmp_path / "run" / "ckpt-000003" / "dcp").iterdir()) == [".metadata", "__0_0.distcp"]
     torchrun(2, args(corpus, tmp_path / "run", "--fsdp", "--resume"))
     assert_close(tmp_path / "run", runs / "single", [3, 4])
+
+
+def test_fsdp_init_from_a_pretrained_run(runs, corpus, tmp_path):
+    """train --init DIR --fsdp: only the main process reads DIR (the others build the model on the meta device
+    and get their shards from it); the 2 processes follow one process's --init run."""
+    init = ["train", "--init", str(runs / "single"), "--data", str(corpus), "--max-steps", "2", "--batch-size", "4",
+            "--seq-len", "16", "--eval-every", "2", "--eval-tokens", "528", "--warmup", "1", "--samples", "0",
+            "--log-every", "1", "--no-progress"]
+    assert main([*init, "--out", str(tmp_path / "one")]) == 0
+    torchrun(2, [*init, "--out", str(tmp_path / "two"), "--fsdp"])
+    assert_close(tmp_path / "two", tmp_path / "one", [1, 2])
+    first = losses(tmp_path / "one")[1][0]
+    assert first < losses(runs / "single")[1][0]  # it starts from the trained weights, not a fresh init

@@ -228,10 +228,13 @@ class Engine:
         schedule: the learning rate of each step.
         config: see EngineConfig (default: its defaults).
         dist: this process's rank and the number of processes (torchrun); default one process.
+        init_state: under FSDP, for a model built on the meta device on every process: the whole-model state
+            dict to start from, on the main process only (None on the others); it is broadcast into each
+            process's shards, so only the main process ever holds the whole model (``train --init --fsdp``).
     """
 
     def __init__(self, model: nn.Module, schedule: CosineSchedule, config: Optional[EngineConfig] = None,
-                 dist: Optional[DistInfo] = None):
+                 dist: Optional[DistInfo] = None, init_state: Optional[dict] = None):
         config = config or EngineConfig()
         if config.grad_accum < 1:
             raise UserError(f"--grad-accum must be a positive integer, got {config.grad_accum}")
@@ -247,10 +250,17 @@ class Engine:
             if not hasattr(model, "set_activation_checkpointing"):
                 raise UserError(f"{type(model).__name__} has no activation checkpointing")
             model.set_activation_checkpointing(True)
-        self.model = model.to(self.device)  # the bare model: its state dict is what checkpoints hold
+        on_meta = any(p.is_meta for p in model.parameters())
+        if on_meta and not self.fsdp:
+            raise ValueError("Engine: a model on the meta device is filled from init_state under FSDP only")
+        self.model = model if on_meta else model.to(self.device)  # the bare model: checkpoints hold its state
         backend = compile_backend(config.compile)
         if self.fsdp:
             apply_fsdp(model, self.device, param_dtype=self.dtype, compile_backend=backend)
+            if on_meta:  # every process allocates its shards, the main process's whole state fills them
+                model.to_empty(device=self.device)
+                set_model_state_dict(model, init_state if self.dist.is_main else {},
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
             self.forward = self.train_forward = model
         else:  # compiled through a wrapper: self.model stays the bare module, its state dict keys unprefixed
             self.forward = torch.compile(model, backend=backend) if backend else model  # evaluation and training

@@ -325,9 +325,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         tokenizer_spec = cfg.tokenizer
-        init_model = None
+        init_model = init_state = None
         if meta is None and cfg.init is not None:  # a fresh fine-tuning run: arch and model from --init
-            init_model, init_tokenizer = self._load_init(cfg)
+            init_model, init_tokenizer, init_state = self._init_model(cfg)
             if cfg.arch not in (TrainConfig.arch, arch_of(init_model)):
                 raise UserError(f"--init {cfg.init!r} holds a model of architecture {arch_of(init_model)}, but --arch "
                                 f"is {cfg.arch}: leave out --arch (the model comes from --init)")
@@ -375,7 +375,7 @@ class Trainer:
             raise UserError(f"sequence length {cfg.seq_len} is larger than the validation split "
                             f"({len(self.data.val):,} tokens); use a smaller --seq-len or more data")
 
-        self.engine = Engine(model, cfg.schedule(), cfg.engine_config(), self.dist)
+        self.engine = Engine(model, cfg.schedule(), cfg.engine_config(), self.dist, init_state=init_state)
         self.model = model  # the bare model (sharded in place under FSDP)
         self.device = self.engine.device
         if ckpt is not None:
@@ -385,6 +385,29 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.metrics = MetricsLog(self.out, resume_step=self.engine.step if ckpt is not None else None)
+
+    def _init_model(self, cfg: TrainConfig):
+        """(model, tokenizer, whole-model state or None) of --init. Under --fsdp only the main process reads the
+        directory (a float32 copy on its CPU); every process builds the model on the meta device, and the engine
+        fills each process's shards from the main process's state, so no other process holds the whole model."""
+        if not (cfg.fsdp and self.dist.enabled):
+            model, tokenizer = self._load_init(cfg)
+            return model, tokenizer, None
+        payload, state = [None], None
+        if self.dist.is_main:
+            try:
+                model, tokenizer = self._load_init(cfg)
+                state = model.state_dict()
+                payload = [(arch_of(model), model_description(model)["model"], tokenizer, None)]
+            except UserError as e:
+                payload = [(None, None, None, str(e))]
+        torch.distributed.broadcast_object_list(payload, src=0)
+        arch, config, tokenizer, error = payload[0]
+        if error is not None:
+            raise UserError(error)
+        with torch.device("meta"):
+            model = build_model(arch, config)
+        return model.train(), tokenizer, state
 
     def _load_init(self, cfg: TrainConfig):
         """(model in float32 on the CPU, training mode; the tokenizer to use when --tokenizer is not given) from
