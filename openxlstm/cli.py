@@ -42,7 +42,6 @@ from .train.metrics import plot_losses
 # flags whose value is fixed by the checkpoint when resuming
 _MODEL_FIELDS = ("arch", "model", "preset", "size", "init", "data", "tokenizer", "val_fraction", "bin_dtype",
                  "pack_documents")
-# flags that choose the model of a fresh run, which --init chooses instead
 # generate / eval --dtype: the dtype the weights are loaded in (auto: the checkpoint's)
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # flags that a resumed run does not take from the checkpoint: how it is launched now decides
@@ -437,8 +436,9 @@ def cmd_eval(args) -> int:
         raise UserError(f"this model reads token ids ({_no_tokenizer(meta)}): --data must be a token file "
                         f"({' or '.join(TOKEN_FILE_SUFFIXES)}) of its ids, got {given}")
     bin_dtype = args.bin_dtype or train_cfg.get("bin_dtype") or ("uint16" if model.config.vocab_size <= 2**16 else "uint32")
-    data = load_data(data_path, tokenizer, train_cfg.get("val_fraction", 0.05), bin_dtype,
-                     train_cfg.get("pack_documents"))
+    # the run's packing choice; a run from before packing was trained (and is resumed) unpacked, as train does
+    pack = train_cfg.get("pack_documents", False if train_cfg and meta.get("source") == "openxlstm" else None)
+    data = load_data(data_path, tokenizer, train_cfg.get("val_fraction", 0.05), bin_dtype, pack)
     tokens = data.val if args.split == "val" else np.concatenate([data.train, data.val])
     starts = data.val_starts if args.split == "val" or data.val_starts is None else np.concatenate(
         [data.train_starts, data.val_starts + len(data.train)])

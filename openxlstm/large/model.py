@@ -414,7 +414,7 @@ class xLSTMLargeLM(nn.Module):
 
     def save_pretrained(self, directory, max_shard_size: Union[int, str] = "5GB", overwrite: bool = False):
         """Write a directory that ``transformers.xLSTMForCausalLM.from_pretrained`` loads (see
-        ``openxlstm.large.pretrained.save_pretrained``). Returns its path."""
+        ``openxlstm.large.save.save_pretrained``). Returns its path."""
         from .save import save_pretrained
 
         return save_pretrained(self, directory, max_shard_size=max_shard_size, overwrite=overwrite)

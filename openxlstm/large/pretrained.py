@@ -1,4 +1,4 @@
-"""Checkpoint directories of xLSTM-7B-style models: load them from three layouts, save them in one.
+"""Checkpoint directories of xLSTM-7B-style models: read them from two foreign layouts (``save.py`` writes one).
 
 ``load_hf(path)`` reads, from a local directory only (nothing is fetched):
 
@@ -17,12 +17,10 @@ temporary directory renamed into place, sharded above ``max_shard_size`` (``save
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 from torch import nn

@@ -393,15 +393,19 @@ class Trainer:
         if not (cfg.fsdp and self.dist.enabled):
             model, tokenizer = self._load_init(cfg)
             return model, tokenizer, None
-        payload, state = [None], None
+        payload, state, failure = [None], None, None
         if self.dist.is_main:
             try:
                 model, tokenizer = self._load_init(cfg)
                 state = model.state_dict()
                 payload = [(arch_of(model), model_description(model)["model"], tokenizer, None)]
-            except UserError as e:
-                payload = [(None, None, None, str(e))]
+            except Exception as e:  # any failure: the other processes must not wait for the broadcast forever
+                failure = e
+                payload = [(None, None, None, str(e) if isinstance(e, UserError) else
+                            f"the main process could not read --init {cfg.init!r} (see its error)")]
         torch.distributed.broadcast_object_list(payload, src=0)
+        if failure is not None:
+            raise failure
         arch, config, tokenizer, error = payload[0]
         if error is not None:
             raise UserError(error)
