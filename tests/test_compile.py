@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import openxlstm
+from conftest import rel_err
 from openxlstm.large import xLSTMLargeConfig, xLSTMLargeLM
 
 
@@ -42,6 +43,7 @@ def test_fullgraph_forward_loss_backward_matches_eager(name, packed):
     ref_loss, ref = grads(loss_fn)
     torch._dynamo.reset()
     loss, got = grads(torch.compile(loss_fn, backend="aot_eager", fullgraph=True))
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    # aot_eager runs the eager graph's aten ops: equal up to a few roundings (bit-equal on torch 2.13 CPU)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
     for g, r in zip(got, ref):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+        assert rel_err(g, r) <= 1e-6

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import rel_err
 from helpers_train import tiny_args, write_corpus
 from openxlstm.cli import main
 from openxlstm.train import load_model
@@ -77,7 +78,7 @@ def test_fsdp_checkpoint_resumes_on_one_process(runs, tmp_path):
     ids = torch.randint(0, 256, (1, 8))
     final, _, _ = load_model(tmp_path / "run")
     reference, _, _ = load_model(runs / "single")
-    assert torch.allclose(final(ids), reference(ids), atol=1e-4)
+    assert rel_err(final(ids), reference(ids)) <= 1e-5  # 2e-6 measured: gradient reduction order through AdamW
 
 
 def test_fsdp_checkpoint_resumes_on_other_process_counts(runs, corpus, tmp_path):
