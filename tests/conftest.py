@@ -16,6 +16,7 @@ nothing).
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -70,3 +71,11 @@ def pytest_runtest_logreport(report):
     if report.failed and os.environ.get("OPENXLSTM_TEST_PROGRESS") == "1":
         lines = [ln.strip() for ln in report.longreprtext.splitlines() if ln.startswith("E ")]
         print(f"\nFAILED {report.nodeid} ({report.when}): " + " | ".join(lines)[:1500], flush=True)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small folder of text documents (helpers_train.write_corpus), shared read-only by the tests."""
+    from helpers_train import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("corpus"))

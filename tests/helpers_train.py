@@ -1,4 +1,5 @@
-"""Shared fixtures for the training, generation and CLI tests: a small text corpus and tiny model configs."""
+"""Shared helpers of the training, generation and CLI tests: a small text corpus, tiny model configs, and the
+check of a one-line command-line error."""
 
 import json
 
@@ -24,3 +25,10 @@ def tiny_args(arch, data, out, steps=4, extra=()):
     return ["train", "--arch", arch, "--config", json.dumps(TINY[arch]), "--data", str(data), "--out", str(out),
             "--max-steps", str(steps), "--batch-size", "4", "--seq-len", "16", "--eval-every", "2",
             "--eval-tokens", "512", "--warmup", "1", "--samples", "0", "--no-progress", *extra]
+
+
+def one_line_error(capsys, needle: str) -> str:
+    """The command's stderr is one line "error: ..." holding ``needle``; returns it."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    return lines[0]

@@ -8,13 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from helpers_train import TINY, tiny_args, write_corpus
+from helpers_train import TINY, tiny_args
 from openxlstm.cli import main
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

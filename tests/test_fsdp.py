@@ -12,16 +12,11 @@ import pytest
 import torch
 
 from conftest import rel_err
-from helpers_train import tiny_args, write_corpus
+from helpers_train import tiny_args
 from openxlstm.cli import main
 from openxlstm.train import load_model
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def args(corpus, out, *extra):

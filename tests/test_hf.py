@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from conftest import rel_err
+from helpers_train import one_line_error
 from safetensors.torch import save_file
 
 import openxlstm
@@ -371,12 +372,6 @@ def id_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("ids") / "tokens.npy"
     np.save(path, np.random.default_rng(0).integers(0, V, size=3000).astype(np.uint16))
     return path
-
-
-def one_line_error(capsys, needle: str) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
-    return lines[0]
 
 
 def test_cli_generate_model_equals_generate(hf_dir, capsys):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from helpers_train import TINY, write_corpus
+from helpers_train import TINY
 from openxlstm import xLSTMConfig, xLSTMLM
 from openxlstm.data import (BatchSampler, ByteTokenizer, load_data, load_tokenizer, pack_documents, packed_labels,
                             pad_pack, train_bpe, window_batch)
@@ -20,11 +20,6 @@ from openxlstm.models import build_model
 from openxlstm.train import CosineSchedule, Engine, EngineConfig, TrainConfig, train
 from openxlstm.train import load_model as model_from_checkpoint
 from openxlstm.train.checkpoint import read_meta, resolve_checkpoint
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def test_tokenizers_end_of_document():

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_train import TINY, tiny_args, write_corpus
+from helpers_train import TINY, one_line_error, tiny_args
 from openxlstm import cli, xLSTMConfig
 from openxlstm.cli import build_parser, main, unescape
 from openxlstm.errors import UserError
@@ -208,11 +208,6 @@ def test_config_numbers_are_strict():
 # runs: a tiny finished run, shared (never modified by the tests that use it)
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
 def run(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "xlstm"
     assert main(tiny_args("xlstm", corpus, out)) == 0
@@ -231,12 +226,6 @@ def id_run(tmp_path_factory):
 def snapshot(directory) -> dict:
     """Every file under a directory with its bytes."""
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
-
-
-def one_line_error(capsys, needle) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
-    return lines[0]
 
 
 def test_bad_input_is_one_line_naming_what_is_allowed(run, id_run, corpus, tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import rel_err
-from helpers_train import TINY, tiny_args, write_corpus
+from helpers_train import TINY, tiny_args
 from openxlstm.cli import main
 from openxlstm.data import BatchSampler
 from openxlstm.errors import UserError
@@ -20,11 +20,6 @@ from openxlstm.models import build_model
 from openxlstm.train import CosineSchedule, Engine, EngineConfig, TrainConfig, save_checkpoint, train
 from openxlstm.train import checkpoint as ckpt_mod
 from openxlstm.train import load_model as model_from_checkpoint
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def weights(run):

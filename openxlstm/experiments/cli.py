@@ -56,6 +56,14 @@ def _add_run_options(p) -> None:
                    help="recompute each block's forward during backward: less memory, same results (default: off)")
 
 
+def _scale_overrides(parser, scales, options) -> None:
+    """--NAME options (default None) that replace one field of the chosen --scale; each help names every
+    scale's value. options: (name, type, what) rows."""
+    for name, kind, what in options:
+        parser.add_argument(f"--{name}", type=kind, default=None,
+                            help=f"{what} (default: the --scale's, {_scale_values(scales, name.replace('-', '_'))})")
+
+
 def _scale_values(scales: dict, field: str) -> str:
     """A field's value at each --scale, for a help text: "smoke 16, cpu 64, paper 128"."""
     def text(v) -> str:
@@ -151,12 +159,12 @@ def _add_lra_speed_scaling(sub) -> None:
     p.add_argument("--models", type=_list, default=list(lra.DEFAULT_MODELS),
                    help=f"comma-separated model zoo names (default: {','.join(lra.DEFAULT_MODELS)})")
     p.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds (default: 0)")
-    for name, kind, what in (("width", int, "embedding width of every model"),
-                             ("num-blocks", int, "blocks / layers of every model"),
-                             ("steps", int, "training steps per cell"), ("batch-size", int, "training examples per step"),
-                             ("lr", float, "peak learning rate, AdamW"), ("test-examples", int, "test examples per cell")):
-        p.add_argument(f"--{name}", type=kind, default=None,
-                       help=f"{what} (default: the --scale's, {_scale_values(lra.SCALES, name.replace('-', '_'))})")
+    _scale_overrides(p, lra.SCALES, (("width", int, "embedding width of every model"),
+                                     ("num-blocks", int, "blocks / layers of every model"),
+                                     ("steps", int, "training steps per cell"),
+                                     ("batch-size", int, "training examples per step"),
+                                     ("lr", float, "peak learning rate, AdamW"),
+                                     ("test-examples", int, "test examples per cell")))
     p.add_argument("--max-minutes", type=float, default=None, help=_MAX_MINUTES.format("cell"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--log-every", type=int, default=50, help=_LOG_EVERY)
@@ -183,13 +191,12 @@ def _add_lra_speed_scaling(sub) -> None:
     c.add_argument("--widths", type=_ints, default=None,
                    help=f"comma-separated embedding widths, one run each (default: the --scale's, "
                         f"{_scale_values(scaling.SCALES, 'widths')})")
-    for name, kind, what in (("num-blocks", int, "blocks / layers of every run"),
-                             ("seq-len", int, "training context in bytes"),
-                             ("batch-size", int, "training sequences per step"),
-                             ("steps", int, "training steps per run (the same for every size)"),
-                             ("lr", float, "peak learning rate, AdamW"), ("eval-tokens", int, "validation bytes scored")):
-        c.add_argument(f"--{name}", type=kind, default=None,
-                       help=f"{what} (default: the --scale's, {_scale_values(scaling.SCALES, name.replace('-', '_'))})")
+    _scale_overrides(c, scaling.SCALES, (("num-blocks", int, "blocks / layers of every run"),
+                                         ("seq-len", int, "training context in bytes"),
+                                         ("batch-size", int, "training sequences per step"),
+                                         ("steps", int, "training steps per run (the same for every size)"),
+                                         ("lr", float, "peak learning rate, AdamW"),
+                                         ("eval-tokens", int, "validation bytes scored")))
     c.add_argument("--max-minutes", type=float, default=None, help=_MAX_MINUTES.format("run"))
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     c.add_argument("--log-every", type=int, default=50, help=_LOG_EVERY)
