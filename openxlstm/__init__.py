@@ -2,14 +2,15 @@
 
 from . import ops
 from .config import preset, xLSTMConfig
-from .layers import Backends, LMOutput
 from .generation import generate
-from .interop import load_official, save_official
-from .large import xLSTMLargeConfig, xLSTMLargeLM
-from .model import xLSTMLM
-from .train.checkpoint import from_pretrained
+from .io import from_pretrained, load_official, save_official
+from .layers import LMOutput
+from .models import build_model
+from .models.xlstm import xLSTMLM
+from .models.xlstm_large import xLSTMLargeConfig, xLSTMLargeLM
+from .ops.backends import Backends
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "generate", "load_official", "save_official", "preset", "xLSTMConfig", "xLSTMLM",
+__all__ = ["ops", "generate", "load_official", "save_official", "preset", "xLSTMConfig", "xLSTMLM", "build_model",
            "from_pretrained", "xLSTMLargeConfig", "xLSTMLargeLM", "Backends", "LMOutput", "__version__"]

@@ -33,10 +33,10 @@ from .evaluate import evaluate_contexts, format_table
 from .experiments import cli as experiments_cli
 from .generation import generate
 from .models import ARCHS
-from .train.checkpoint import load_pretrained, read_meta, resolve_checkpoint
-from .train.distributed import DistInfo
-from .train.engine import resolve_device
-from .train.loop import BIN_DTYPES, DEVICE_RE, TrainConfig, train
+from .device import DEVICE_RE, resolve_device
+from .io import load_pretrained
+from .io.run import read_meta, resolve_checkpoint
+from .train.loop import BIN_DTYPES, TrainConfig, train
 from .train.metrics import plot_losses
 
 # flags whose value is fixed by the checkpoint when resuming
@@ -349,7 +349,7 @@ def _load(args):
     if args.checkpoint is not None and not Path(path).expanduser().exists():
         raise UserError(f"checkpoint {path!r} does not exist")
     dtype = None if args.dtype == "auto" else args.dtype
-    return load_pretrained(path, dtype=dtype, device=resolve_device(args.device, DistInfo()))
+    return load_pretrained(path, dtype=dtype, device=resolve_device(args.device))
 
 
 def _no_tokenizer(info: dict) -> str:

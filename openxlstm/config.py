@@ -60,6 +60,50 @@ def check_field_types(config) -> None:
             raise ValueError(f"{type(config).__name__}: {f.name} must be {_describe(hints[f.name])}, got {value!r}")
 
 
+def check_positive_ints(config, names) -> None:
+    """Each named field holds an integer >= 1 (ValueError naming the config and the field otherwise)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{type(config).__name__}: {name} must be a positive integer, got {value!r}")
+
+
+class ConfigIO:
+    """Dict and JSON round trips shared by every config dataclass; unknown fields are an error that lists the
+    known ones."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self, path: Union[str, Path, None] = None) -> str:
+        """The config as JSON text (also written to ``path`` when given)."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: Union[str, Path]):
+        """Parse a JSON string, or read a JSON file when given a path."""
+        src = str(text_or_path)
+        text = Path(src).read_text() if not src.lstrip().startswith("{") else src
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cls.__name__}: invalid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__}: the JSON must be an object of config fields")
+        return cls.from_dict(data)
+
+
 def round_up(x: float, multiple: int) -> int:
     """Round x up to a multiple of ``multiple`` (the reference rounds up-projection widths up to 64)."""
     return int(math.ceil(x / multiple) * multiple)
@@ -96,7 +140,7 @@ FFN_ACTIVATIONS = ("gelu", "silu", "relu", "relu2", "sigmoid", "selu")  # relu2:
 
 
 @dataclass
-class xLSTMConfig:
+class xLSTMConfig(ConfigIO):
     """An xLSTM language model: embedding -> residual stack of mLSTM/sLSTM blocks -> LayerNorm -> head.
 
     ``slstm_at`` lists the 0-based indices of sLSTM blocks; it also accepts "all" or a ratio such as
@@ -193,37 +237,6 @@ class xLSTMConfig:
         s = set(self.slstm_at)
         return ["s" if j in s else "m" for j in range(self.num_blocks)]
 
-    # serialization ------------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "xLSTMConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"xLSTMConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
-
-    def to_json(self, path: Union[str, Path, None] = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: Union[str, Path]) -> "xLSTMConfig":
-        """Parse a JSON string, or read a JSON file when given a path."""
-        src = str(text_or_path)
-        text = Path(src).read_text() if not src.lstrip().startswith("{") else src
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"xLSTMConfig: invalid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError("xLSTMConfig: the JSON must be an object of config fields")
-        return cls.from_dict(data)
-
 
 PRESET_SHAPES = {"125m": (768, 24), "350m": (1024, 48), "760m": (1536, 48), "1.3b": (2048, 48)}
 PRESET_RATIOS = ("1:0", "7:1")
@@ -245,4 +258,4 @@ def preset(size: str, ratio: str = "7:1", **overrides) -> xLSTMConfig:
     return xLSTMConfig(**kwargs)
 
 
-__all__ = ["xLSTMConfig", "check_field_types", "FFN_ACTIVATIONS", "preset", "parse_ratio", "slstm_positions", "PRESET_SHAPES", "PRESET_RATIOS", "round_up"]
+__all__ = ["xLSTMConfig", "ConfigIO", "check_positive_ints", "check_field_types", "FFN_ACTIVATIONS", "preset", "parse_ratio", "slstm_positions", "PRESET_SHAPES", "PRESET_RATIOS", "round_up"]

@@ -53,8 +53,8 @@ def test_slstm_decode_steps_equal_the_sequence(forget_gate, with_state):
 
 
 def test_slstm_layer_decodes_without_the_sequence_op(monkeypatch):
-    """One token without gradient takes the step (the sequence op is not called) and continues the state of
-    a prefill exactly: prefill + steps equal one pass over the sequence (float64)."""
+    """``step`` does not call the sequence op and continues the state of a prefill exactly: prefill + steps
+    equal one pass over the sequence (float64)."""
     cfg = xLSTMConfig(vocab_size=16, embedding_dim=16, num_blocks=2, slstm_at=[1], slstm_num_heads=2,
                       context_length=32)
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def test_slstm_layer_decodes_without_the_sequence_op(monkeypatch):
         monkeypatch.setattr(slstm_layer_module, "slstm", no_sequence_op)
         ys = []
         for t in range(4, 9):
-            y, state = layer(x[:, t:t + 1], state)
+            y, state = layer.step(x[:, t:t + 1], state)
             ys.append(y)
     assert rel_err(torch.cat(ys, 1), y_full[:, 4:]) <= 1e-12
     for name in ("conv", "h", "c", "n", "m"):

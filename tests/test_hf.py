@@ -21,9 +21,9 @@ import openxlstm
 from openxlstm import from_pretrained, generate, xLSTMLargeConfig, xLSTMLargeLM
 from openxlstm.cli import main
 from openxlstm.errors import UserError
-from openxlstm.large.model import soft_capped_cross_entropy
-from openxlstm.train.checkpoint import load_pretrained
-from openxlstm.train.checkpoint import save_checkpoint
+from openxlstm.models.xlstm_large import soft_capped_cross_entropy
+from openxlstm.io import load_pretrained
+from openxlstm.io.run import save_checkpoint
 
 try:
     from transformers.initialization import no_init_weights
@@ -241,7 +241,7 @@ def test_user_errors(tmp_path):
     next((tmp_path / "hf").glob("model-00002-*")).unlink()
     with pytest.raises(UserError, match="shard 'model-00002-of-.*missing"):
         from_pretrained(tmp_path / "hf")
-    with pytest.raises(ValueError, match="unknown xLSTMLargeConfig field.*'hidden'.*allowed"):
+    with pytest.raises(ValueError, match="xLSTMLargeConfig: unknown field.*'hidden'.*known fields"):
         xLSTMLargeConfig.from_dict({"hidden": 8})
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))

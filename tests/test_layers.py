@@ -2,8 +2,6 @@
 autograd: outputs, final states and every gradient (input, parameters, carried state with its stabilizer m),
 for each backend, with and without packed documents."""
 
-from functools import partial
-
 import pytest
 import torch
 from conftest import rel_err
@@ -12,6 +10,7 @@ from openxlstm import xLSTMConfig
 from openxlstm.layers import Backends, mLSTMLayer, mLSTMLayerState
 from openxlstm.layers.common import BlockDiagonalLinear
 from openxlstm.ops.mlstm import mlstm
+from openxlstm.ops.mlstm.layer_op import core_output, qkv_gates
 
 CASES = [  # backend, dtype, S, with_state, conv kernel, packed documents
     ("chunkwise", torch.float64, 37, False, 4, False),
@@ -55,12 +54,14 @@ def _run(layer, x, state, backends, plain: bool, cu_seqlens=None):
         it = iter(leaves[1:])
         st = mLSTMLayerState(*(None if t is None else next(it) for t in state))
     if plain:  # the same maths with autograd keeping everything
-        xz = layer.proj_up(x_)
-        a, new = layer._core(xz, st, partial(mlstm, backend=backends.mlstm, chunk_size=backends.chunk_size,
-                                             return_state=True, cu_seqlens=cu_seqlens), cu_seqlens)
-        y = layer.proj_down(a)
+        w = layer.core_weights()
+        q, k, v, i, f, x_c, z, conv = qkv_gates(layer.proj_up(x_), w, layer.num_heads, None if st is None else st.conv,
+                                                cu_seqlens)
+        h, cell = mlstm(q, k, v, i, f, None if st is None else (st.C, st.n, st.m), backend=backends.mlstm,
+                        chunk_size=backends.chunk_size, return_state=True, cu_seqlens=cu_seqlens)
+        y, new = layer.proj_down(core_output(h, x_c, z, w, layer.outnorm.eps)), mLSTMLayerState(conv, *cell)
     else:
-        y, new = layer(x_, st, backends, cu_seqlens)
+        y, new = layer(x_, st, cu_seqlens, backends=backends)
     w = torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)
     loss = (y * w).sum() + new.C.sum() * 0.1 + new.n.sum() * 0.2 + new.m.sum() * 0.4
     if new.conv is not None:
@@ -92,7 +93,7 @@ def test_core_keeps_little_for_backward():
     x = torch.randn(2, 40, 32, requires_grad=True)
     sizes = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        layer(x, None, Backends(mlstm="chunkwise"))
+        layer(x, None, backends=Backends(mlstm="chunkwise"))
     params = sum(p.numel() for p in layer.parameters())
     per_token = (sum(sizes) - params) / 80
     assert per_token <= 4 * layer.inner_dim, per_token

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from openxlstm.cli import main
 from openxlstm.experiments import lra, scaling, speed
-from openxlstm.experiments.models import build_model
+from openxlstm.experiments.zoo import build_model
 from openxlstm.experiments.results import read_results
 
 

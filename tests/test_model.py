@@ -150,7 +150,7 @@ def test_reference_initialization():
 
 def test_weight_decay_groups_match_the_reference():
     from openxlstm import save_official
-    from openxlstm.interop import _key_map
+    from openxlstm.io.official import _key_map
     from xlstm import xLSTMLMModel
     import dacite
     from xlstm import xLSTMLMModelConfig

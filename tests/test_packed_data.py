@@ -19,7 +19,7 @@ from openxlstm.errors import UserError
 from openxlstm.models import build_model
 from openxlstm.train import CosineSchedule, Engine, EngineConfig, TrainConfig, train
 from openxlstm.train import load_model as model_from_checkpoint
-from openxlstm.train.checkpoint import read_meta, resolve_checkpoint
+from openxlstm.io.run import read_meta, resolve_checkpoint
 
 
 def test_tokenizers_end_of_document():

@@ -16,8 +16,8 @@ from conftest import check_fp32, rel_err
 
 from openxlstm import xLSTMConfig, xLSTMLM
 from openxlstm.ops import causal_conv1d, mlstm, slstm
-from openxlstm.ops.mlstm import triton_utils
-from openxlstm.ops.packing import doc_starts
+from openxlstm.ops import triton_utils
+from openxlstm.ops.varlen import doc_starts
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

@@ -25,12 +25,12 @@ from openxlstm.errors import UserError
 from openxlstm.models import build_model
 from openxlstm.train import (CosineSchedule, Engine, EngineConfig, TrainConfig, load_model, resolve_checkpoint,
                              save_checkpoint)
-from openxlstm.train import checkpoint as ckpt_mod
+from openxlstm.io import run as ckpt_mod
 from openxlstm.train.rundir import RunLock
 from openxlstm.baselines import LSTMConfig, TransformerConfig
 from openxlstm.experiments import runner
 from openxlstm.experiments.runner import CSV_FIELDS, CellSpec, append_result, read_results, run_grid
-from openxlstm.large.model import xLSTMLargeConfig
+from openxlstm.models.xlstm_large import xLSTMLargeConfig
 
 
 def grid_row(seed, score="0.5"):

@@ -18,7 +18,7 @@ from openxlstm.data import BatchSampler
 from openxlstm.errors import UserError
 from openxlstm.models import build_model
 from openxlstm.train import CosineSchedule, Engine, EngineConfig, TrainConfig, save_checkpoint, train
-from openxlstm.train import checkpoint as ckpt_mod
+from openxlstm.io import run as ckpt_mod
 from openxlstm.train import load_model as model_from_checkpoint
 
 

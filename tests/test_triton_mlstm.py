@@ -13,7 +13,7 @@ from conftest import FP32_FACTOR, FP32_FLOOR, GATE_RANGE, HALF_TOL, check_fp32, 
 
 from openxlstm.ops import mlstm, mlstm_decode
 from openxlstm.ops.mlstm import mLSTMState, mlstm_step
-from openxlstm.ops.mlstm import triton_utils
+from openxlstm.ops import triton_utils
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

@@ -12,7 +12,7 @@ import torch
 from conftest import GATE_RANGE, check_fp32, check_half, rel_err
 
 from openxlstm.ops import slstm
-from openxlstm.ops.mlstm import triton_utils
+from openxlstm.ops import triton_utils
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

@@ -4,7 +4,7 @@ and labels that never cross a boundary.
 A packed stream is the documents laid end to end, each followed by the tokenizer's end-of-document id, with
 ``doc_starts`` the offset of every document's first token. A training or evaluation row is any window of
 the stream; inside it every document boundary becomes a ``cu_seqlens`` entry (the model resets its state
-there, see ``openxlstm.ops.packing``) and the label of the last token of each document (its end-of-document
+there, see ``openxlstm.ops.varlen``) and the label of the last token of each document (its end-of-document
 token, whose next token opens another document) is -100: the model learns to predict the end of a document
 but never the first token of the next one from the previous one's context.
 

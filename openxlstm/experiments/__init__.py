@@ -4,9 +4,9 @@
 """
 
 from .formal import IGNORE, TASKS, FormalTask, get_task
-from .models import PAPER_MODELS, ResidualLSTMLM, build_model, canonical_name
+from .zoo import PAPER_MODELS, build_model, canonical_name
 from .mqar import MQARTask
 from .runner import ALL_TASKS, CellSpec, grid_specs, run_cell, run_grid, write_report
 
-__all__ = ["IGNORE", "TASKS", "FormalTask", "get_task", "PAPER_MODELS", "ResidualLSTMLM", "build_model",
+__all__ = ["IGNORE", "TASKS", "FormalTask", "get_task", "PAPER_MODELS", "build_model",
            "canonical_name", "MQARTask", "ALL_TASKS", "CellSpec", "grid_specs", "run_cell", "run_grid", "write_report"]

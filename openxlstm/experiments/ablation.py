@@ -28,7 +28,7 @@ import torch
 from ..data import ByteTokenizer, default_corpus, split_documents
 from ..train.engine import Engine
 from ..train.schedule import CosineSchedule
-from .models import build_model, canonical_name
+from .zoo import build_model, canonical_name
 from .results import DIVERGED, OK, STATUS, append_row, is_diverged, pending, read_results
 from .runner import RunOptions, fit_or_diverge
 

@@ -21,10 +21,10 @@ from dataclasses import replace
 import torch
 
 from ..errors import UserError
-from ..train.engine import resolve_device, resolve_dtype
+from ..device import autocast_dtype, resolve_device
 from . import lra, scaling, speed
 from .ablation import LADDER, run_ablation
-from .models import PAPER_MODELS, SLSTM_INITS, canonical_name
+from .zoo import PAPER_MODELS, SLSTM_INITS, canonical_name
 from .mqar import MQARTask
 from .runner import ALL_TASKS, SCHEDULES, RunOptions, grid_specs, run_grid, write_report
 
@@ -217,7 +217,7 @@ def _run_lra_speed_scaling(args) -> int:
         speed.run_speed(speed.SCALES[args.scale], args.out, device=args.device,
                         models=[canonical_name(m) for m in args.models])
         return 0
-    resolve_dtype(args.dtype, resolve_device(args.device))
+    autocast_dtype(args.dtype, resolve_device(args.device))
     options = RunOptions(device=args.device, dtype=args.dtype, compile=args.compile,
                          activation_checkpointing=args.activation_checkpointing)
     _check_positive(args, ["max_minutes", "log_every"])
@@ -263,7 +263,7 @@ def run(args) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("experiments run in one process (cells one after another); use torchrun only with "
                             "'openxlstm train'")
-        resolve_dtype(args.dtype, resolve_device(args.device))  # a bad --device is an error before any cell runs
+        autocast_dtype(args.dtype, resolve_device(args.device))  # a bad --device is an error before any cell runs
         options = RunOptions(device=args.device, dtype=args.dtype, compile=args.compile,
                              activation_checkpointing=args.activation_checkpointing)
         torch.set_num_threads(args.threads)

@@ -47,7 +47,7 @@ import torch
 from ..errors import UserError
 from ..train.engine import Engine
 from .formal import IGNORE
-from .models import build_model, canonical_name
+from .zoo import build_model, canonical_name
 from .results import DIVERGED, OK, STATUS, append_row, is_diverged, markdown, pending, pyplot, read_results
 from .runner import RunOptions, classifier_head, fit_or_diverge, lr_schedule
 

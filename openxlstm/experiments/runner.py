@@ -31,7 +31,7 @@ from torch import nn
 from ..train.engine import Engine, EngineConfig, FitResult, TrainingDiverged
 from ..train.schedule import CosineSchedule
 from .formal import TASKS, FormalTask, get_task
-from .models import SLSTM_INITS, build_model, canonical_name
+from .zoo import SLSTM_INITS, build_model, canonical_name
 from .mqar import MQARTask
 from .results import DIVERGED, OK, STATUS, append_row, read_results, upgrade_csv
 

@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..baselines import TransformerLM
-from ..model import xLSTMLM
+from ..models.transformer import TransformerLM
+from ..models.xlstm import xLSTMLM
 from ..train.engine import Engine
 from ..train.schedule import CosineSchedule
 from .ablation import load_bytes, val_batches
-from .models import build_model, canonical_name
+from .zoo import build_model, canonical_name
 from .results import DIVERGED, OK, STATUS, append_row, is_diverged, markdown, pending, pyplot, read_results
 from .runner import RunOptions, fit_or_diverge
 

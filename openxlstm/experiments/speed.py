@@ -28,10 +28,10 @@ from typing import Callable, Optional, Union
 import torch
 from torch.utils._pytree import tree_leaves
 
-from ..baselines import TransformerLM, sized_transformer_config
+from ..models.transformer import TransformerLM, sized_transformer_config
 from ..generation import generate
-from ..train.engine import resolve_device
-from .models import build_model
+from ..device import resolve_device
+from .zoo import build_model
 from .results import append_row, done_keys, markdown, pyplot, read_results
 
 MODELS = ("xlstm[1:0]", "xlstm[7:1]", "transformer")

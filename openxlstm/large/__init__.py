@@ -1,13 +1,8 @@
-"""xLSTM-7B ("xLSTM Large", spec §4): the model (``model.py``) and its checkpoints (``pretrained.py`` reads,
-``save.py`` writes):
-transformers' ``xLSTMForCausalLM`` directories and the authors' ``xlstm_large`` layout, loaded and saved.
+"""Old import path of xLSTM-7B's model and its transformers-format reader and writer, kept for existing code:
+the model lives in ``openxlstm.models.xlstm_large``, the formats in ``openxlstm.io.hf``."""
 
-The architecture is registered as "xlstm-large" in ``openxlstm.models.ARCHS`` (by ``openxlstm/models.py``),
-so that training, run checkpoints and ``build_model`` handle it like the others.
-"""
-
-from .model import xLSTMLargeConfig, xLSTMLargeLM
-from .pretrained import load_hf
-from .save import save_pretrained
+from ..io.hf import load_hf
+from ..io.hf import save_hf as save_pretrained
+from ..models.xlstm_large import xLSTMLargeConfig, xLSTMLargeLM
 
 __all__ = ["xLSTMLargeConfig", "xLSTMLargeLM", "load_hf", "save_pretrained"]

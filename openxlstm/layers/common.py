@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ..ops.blockdiag import block_diagonal_linear
 from ..ops.conv import causal_conv1d
 
 
@@ -104,36 +105,7 @@ class BlockDiagonalLinear(nn.Module):
         nn.init.normal_(self.weight, std=math.sqrt(2.0 / (5.0 * size)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _BlockDiagonal.apply(x, self.weight)
-        return y if self.bias is None else y + self.bias
-
-
-class _BlockDiagonal(torch.autograd.Function):
-    """y = x @ blockdiag(W)^T, keeping only x and W for backward (torch.einsum would keep permuted copies).
-    x (..., nb * bs_in), W (nb, bs_out, bs_in) -> y (..., nb * bs_out); autocast casts both to its dtype."""
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dt), weight.to(dt)
-        elif weight.dtype != x.dtype:
-            weight = weight.to(x.dtype)
-        ctx.save_for_backward(x, weight)
-        nb = weight.shape[0]
-        with torch.autocast(x.device.type, enabled=False):
-            y = torch.einsum("...hi,hoi->...ho", x.reshape(*x.shape[:-1], nb, -1), weight)
-        return y.reshape(*x.shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        nb = weight.shape[0]
-        dy = dy.to(x.dtype).contiguous().view(*dy.shape[:-1], nb, -1)  # (..., nb, bs_out)
-        xb = x.reshape(*x.shape[:-1], nb, -1)  # (..., nb, bs_in)
-        dx = torch.einsum("...ho,hoi->...hi", dy, weight).reshape(x.shape)
-        dw = torch.einsum("...ho,...hi->hoi", dy, xb)
-        return dx, dw
+        return block_diagonal_linear(x, self.weight, self.bias)
 
 
 class CausalConv(nn.Module):

@@ -11,7 +11,7 @@ from torch import nn
 from ..config import xLSTMConfig
 from ..ops.slstm import slstm
 from ..ops.slstm.recurrent import slstm_decode
-from .backends import Backends
+from ..ops.backends import Backends
 from .common import BlockDiagonalLinear, CausalConv, MultiHeadNorm, small_init_
 
 
@@ -69,31 +69,46 @@ class sLSTMLayer(nn.Module):
             self.bias[E : 2 * E] = forget_bias_init(self.config, self.head_dim, self.block_idx).repeat(self.num_heads)
         self.norm.reset_parameters()
 
-    def forward(self, x: torch.Tensor, state: Optional[sLSTMLayerState] = None, backends: Backends = Backends(),
-                cu_seqlens: Optional[torch.Tensor] = None):
-        """x: (B, S, E) (normalized) -> (y (B, S, E), new sLSTMLayerState); cu_seqlens: packed documents
-        (``openxlstm.ops.packing``) for the conv and the cell.
+    def init_state(self, batch_size: int, device=None) -> sLSTMLayerState:
+        """The state of an empty sequence: zeros; h, c, n, m (B, E) in float32, conv (B, K-1, E) in the
+        weights' dtype."""
+        E = self.config.embedding_dim
+        device = device if device is not None else self.bias.device
+        conv = (None if self.conv is None else
+                torch.zeros(batch_size, self.conv.kernel_size - 1, E, device=device, dtype=self.bias.dtype))
+        return sLSTMLayerState(conv, *(torch.zeros(batch_size, E, device=device, dtype=torch.float32) for _ in range(4)))
 
-        A single token without gradient (generation) takes ``slstm_decode``, the cell's step in plain
-        PyTorch, whatever ``backends.slstm`` says: same maths, a fraction of the ops of a sequence kernel.
-        """
-        B, S, E = x.shape
-        conv_state = None
+    def _preact(self, x: torch.Tensor, conv_state, cu_seqlens=None):
+        """x (B, S, E) -> (gate pre-activations (B, S, 4E) in the order [i | f | z | o], new conv state)."""
         if self.conv is not None:
-            x_c, conv_state = self.conv(x, None if state is None else state.conv, cu_seqlens)
+            x_c, conv_state = self.conv(x, conv_state, cu_seqlens)
             x_c = F.silu(x_c)
         else:
             x_c = x
-        pre = torch.cat([self.igate(x_c), self.fgate(x_c), self.zgate(x), self.ogate(x)], dim=-1)  # (B, S, 4E)
+        return torch.cat([self.igate(x_c), self.fgate(x_c), self.zgate(x), self.ogate(x)], dim=-1), conv_state
+
+    def forward(self, x: torch.Tensor, state: Optional[sLSTMLayerState] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                *, backends: Backends = Backends()) -> tuple[torch.Tensor, sLSTMLayerState]:
+        """x: (B, S, E) (normalized) -> (y (B, S, E), new sLSTMLayerState); cu_seqlens: packed documents
+        (``openxlstm.ops.varlen``) for the conv and the cell."""
+        B, S, E = x.shape
+        pre, conv_state = self._preact(x, None if state is None else state.conv, cu_seqlens)
         cell_state = None if state is None else (state.h, state.c, state.n, state.m)
-        if S == 1 and not torch.is_grad_enabled():  # decode: one plain step, no sequence kernel or autograd Function
-            h, cell = slstm_decode(pre[:, 0], self.recurrent, self.bias, cell_state,
-                                   forget_gate=self.config.slstm_forget_gate)
-            h = h[:, None]  # (B, 1, E)
-        else:
-            h, cell = slstm(pre, self.recurrent, self.bias, cell_state, forget_gate=self.config.slstm_forget_gate,
-                            backend=backends.slstm, return_state=True, cu_seqlens=cu_seqlens)
+        h, cell = slstm(pre, self.recurrent, self.bias, cell_state, forget_gate=self.config.slstm_forget_gate,
+                        backend=backends.slstm, return_state=True, cu_seqlens=cu_seqlens)
         y = self.norm(h.view(B, S, self.num_heads, self.head_dim))
+        return self.dropout(y), sLSTMLayerState(conv_state, *cell)
+
+    def step(self, x: torch.Tensor, state: Optional[sLSTMLayerState], *, backends: Backends = Backends()
+             ) -> tuple[torch.Tensor, sLSTMLayerState]:
+        """One token per sequence: x (B, 1, E) -> (y (B, 1, E), new state), the cell's step in plain PyTorch
+        (same maths as every backend, a fraction of the ops of a sequence kernel)."""
+        B = x.shape[0]
+        pre, conv_state = self._preact(x, None if state is None else state.conv)
+        cell_state = None if state is None else (state.h, state.c, state.n, state.m)
+        h, cell = slstm_decode(pre[:, 0], self.recurrent, self.bias, cell_state,
+                               forget_gate=self.config.slstm_forget_gate)
+        y = self.norm(h.view(B, 1, self.num_heads, self.head_dim))
         return self.dropout(y), sLSTMLayerState(conv_state, *cell)
 
 

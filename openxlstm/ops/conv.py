@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .packing import doc_starts, last_start
+from .varlen import doc_starts, last_start
 
 
 def causal_conv1d(
@@ -26,7 +26,7 @@ def causal_conv1d(
         weight: (F, K) one kernel per channel; bias: (F,) or None.
         state: (B, K-1, F) the last K-1 inputs before x (zeros when None).
         return_state: also return the new window (B, K-1, F), the last K-1 inputs of [state, x].
-        cu_seqlens: (D+1,) packed documents over the B*S tokens (``openxlstm.ops.packing``): the window of a
+        cu_seqlens: (D+1,) packed documents over the B*S tokens (``openxlstm.ops.varlen``): the window of a
             token reaches back to its document's start only (zeros before it, as for a document run alone;
             a row's first document sees ``state``), and the returned window is the last document's.
 

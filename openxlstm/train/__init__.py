@@ -1,7 +1,7 @@
 """Training: the engine every run uses, the ``openxlstm train`` run, LR schedule, checkpoints, DDP / FSDP
 set-up and run logs."""
 
-from .checkpoint import load_model, resolve_checkpoint, save_checkpoint
+from ..io.run import load_model, resolve_checkpoint, save_checkpoint
 from .engine import Engine, EngineConfig, EvalResult, FitResult, evaluate_model
 from .loop import TrainConfig, Trainer, bits_per_byte, lm_batches, train
 from .metrics import plot_losses

@@ -40,10 +40,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict, set_state_dict)
 
 from ..data.packing import split_micro_batches
+from ..device import autocast_dtype, resolve_device
 from ..errors import UserError
 from ..models import arch_of, build_model
 from ..ops.cross_entropy import IGNORE_INDEX
-from .checkpoint import (DCP_DIR, WEIGHTS_FILE, begin_checkpoint, finish_checkpoint, load_trainer_state, load_weights,
+from ..io.run import (DCP_DIR, WEIGHTS_FILE, begin_checkpoint, finish_checkpoint, load_trainer_state, load_weights,
                          save_checkpoint)
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, is_initialized
 from .metrics import MetricsLog
@@ -90,35 +91,6 @@ class FitResult:
     eval: Optional[dict] = None  # the last evaluate() result
     stopped_early: bool = False  # by the time limit
     seconds: float = 0.0
-
-
-def resolve_device(device: str, dist_info: DistInfo = DistInfo()) -> torch.device:
-    """``auto`` -> this process's GPU when there is one, else the CPU; errors name what is allowed."""
-    if device == "auto":
-        device = f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and dist_info.enabled:
-        device = f"cuda:{dist_info.local_rank}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a valid device (cpu, cuda, cuda:N, auto)") from None
-    if resolved.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {device!r}: openxlstm runs on cpu, cuda or cuda:N (or auto)")
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return resolved
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype (None: plain float32)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if dtype in ("float32", "bfloat16"):
-        return None if dtype == "float32" else torch.bfloat16
-    raise UserError(f"--dtype {dtype!r}: choose auto, float32 or bfloat16")
 
 
 def compile_backend(value: Union[bool, str, None]) -> Optional[str]:
@@ -240,8 +212,8 @@ class Engine:
             raise UserError(f"--grad-accum must be a positive integer, got {config.grad_accum}")
         self.config, self.schedule = config, schedule
         self.dist = dist or DistInfo()
-        self.device = resolve_device(config.device, self.dist)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.device = resolve_device(config.device, self.dist.local_rank if self.dist.enabled else 0)
+        self.dtype = autocast_dtype(config.dtype, self.device)
         self.fsdp = config.fsdp
         if self.fsdp and not is_initialized():
             raise UserError("--fsdp shards the model over the processes that torchrun starts: run "
@@ -489,6 +461,5 @@ class Engine:
         return copy.to(self.device).eval()
 
 
-__all__ = ["Engine", "EngineConfig", "TrainingDiverged", "EvalResult", "FitResult", "evaluate_model", "resolve_device",
-           "resolve_dtype", "compile_backend",
+__all__ = ["Engine", "EngineConfig", "TrainingDiverged", "EvalResult", "FitResult", "evaluate_model", "compile_backend",
            "IGNORE_INDEX"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional, Union
@@ -23,7 +22,6 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from ..baselines import sized_lstm_config, sized_transformer_config
 from ..config import preset as xlstm_preset
 from ..config import xLSTMConfig
 from ..data import BatchSampler, eval_windows, load_data
@@ -32,11 +30,15 @@ from ..data.packing import window_batch
 from ..data.tokenizer import HFTokenizer, load_tokenizer
 from ..errors import UserError
 from ..generation import generate
-from ..large.model import xLSTMLargeConfig
-from ..large.pretrained import detect_format
-from ..large.save import TOKENIZER
+from ..device import DEVICE_RE
+from ..io import load_pretrained
+from ..io.files import detect_format, write_error, write_text_atomic
+from ..io.hf import TOKENIZER
+from ..io.run import model_description, read_meta, resolve_checkpoint
 from ..models import ARCHS, arch_of, build_model, config_from_dict
-from .checkpoint import _write_text_atomic, load_pretrained, model_description, read_meta, resolve_checkpoint, write_error
+from ..models.lstm import sized_lstm_config
+from ..models.transformer import sized_transformer_config
+from ..models.xlstm_large import xLSTMLargeConfig
 from .distributed import (DistInfo, all_reduce_max, barrier, init_distributed, is_initialized, launched_by_torchrun,
                           shutdown)
 from .engine import Engine, EngineConfig
@@ -46,7 +48,6 @@ from .schedule import CosineSchedule
 
 SAMPLE_PROMPTS = ("The ", "def ", "import ")
 BIN_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "int64", "uint64")
-DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _INF = math.inf
 
 
@@ -503,7 +504,7 @@ class Trainer:
             png = plot_losses({cfg.arch: self.out / "metrics.csv"}, self.out / "loss.png",
                               title=f"{cfg.arch}, {params / 1e6:.2f}M parameters")
             result["plot"] = None if png is None else str(png)
-            _write_text_atomic(self.out / "summary.json", json.dumps(result, indent=2) + "\n")
+            write_text_atomic(self.out / "summary.json", json.dumps(result, indent=2) + "\n")
         return result
 
     def samples(self, count: int, max_new_tokens: int) -> list[tuple[str, str]]:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from .checkpoint import LATEST, _write_text_atomic, clean_leftovers, read_meta, write_error
+from ..io.files import write_error, write_text_atomic
+from ..io.run import LATEST, clean_leftovers, read_meta
 
 try:
     import fcntl
@@ -120,7 +121,7 @@ def _check_contents(out: Path, resume: Optional[Path], overwrite: bool) -> None:
                 raise UserError(f"resuming from {resume.name} would replace the later checkpoints of "
                                 f"{str(out)!r} ({names}); add --overwrite to replace them, or resume into "
                                 f"another --out")
-            _write_text_atomic(out / LATEST, resume.name + "\n")  # never a moment without a whole checkpoint
+            write_text_atomic(out / LATEST, resume.name + "\n")  # never a moment without a whole checkpoint
             for p in later.values():
                 shutil.rmtree(p)
         return

@@ -12,35 +12,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..backends import MLSTM_BACKENDS, resolve_backend, state_dtype
+from ..varlen import doc_starts
 from .chunkwise import mlstm_chunkwise
-from ..packing import doc_starts
-from .common import (M_FLOOR, attach_state_gradient, check_inputs, initial_state, mLSTMState, state_dtype,
-                     state_stabilizer, state_with_m_gradient)
+from .common import (M_FLOOR, attach_state_gradient, check_inputs, initial_state, mLSTMState, state_stabilizer,
+                     state_with_m_gradient)
 from .parallel import mlstm_parallel
 from .recurrent import mlstm_recurrent, mlstm_step
 
-BACKENDS = ("auto", "recurrent", "parallel", "chunkwise", "triton")
+BACKENDS = MLSTM_BACKENDS
 CHUNKWISE_DEFAULT = 64  # chunk of the PyTorch chunkwise form (the Triton kernels default to 256)
-
-
-def triton_available(device: torch.device) -> bool:
-    """True when the Triton kernels can run on ``device`` (a CUDA device with triton importable)."""
-    if device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto"`` to the fastest backend available on ``device``; validate explicit names."""
-    if backend not in BACKENDS:
-        raise ValueError(f"mlstm: unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if triton_available(device) else "chunkwise"
-    return backend
 
 
 def mlstm(
@@ -70,7 +51,7 @@ def mlstm(
             and 256 for "triton"); any S >= 1 is accepted and the result does not depend on it beyond rounding.
         eps: added to the normalizer's denominator.
         return_state: also return the final state.
-        cu_seqlens: (D+1,) int tensor of packed documents over the B*S tokens (``openxlstm.ops.packing``):
+        cu_seqlens: (D+1,) int tensor of packed documents over the B*S tokens (``openxlstm.ops.varlen``):
             every document starts from zeros except each row's first, which starts from ``state``; the
             returned state is the last document's.
 
@@ -83,7 +64,7 @@ def mlstm(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"mlstm: chunk_size must be a positive int or None, got {chunk_size!r}")
     starts = doc_starts(cu_seqlens, B, S, "mlstm", q.device)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend("mlstm", backend, q.device)
     sdt = state_dtype(q.dtype)
     if state is not None:
         state = state_with_m_gradient(tuple(t.to(device=q.device, dtype=sdt) for t in state))
@@ -124,7 +105,7 @@ def mlstm_forward_saving(q, k, v, i, f, state=None, *, backend: str = "auto", ch
     under autograd. Used by layers that recompute their cheap parts instead of keeping them (layers/mlstm.py).
     """
     check_inputs(q, k, v, i, f, state)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend("mlstm", backend, q.device)
     with torch.no_grad():
         if name == "triton" and q.dtype != torch.float64:
             from .triton import mlstm_triton_forward
@@ -153,7 +134,7 @@ def mlstm_backward(q, k, v, i, f, state, saved, dh, dC=None, dn=None, *, backend
         st = None if state is None else (state[0].detach().requires_grad_(), state[1].detach().requires_grad_(),
                                           state[2].detach())
         starts = doc_starts(cu_seqlens, q.shape[0], q.shape[2], "mlstm", q.device)
-        h, (C, n, _) = _cell(*leaves, st, resolve_backend(backend, q.device), chunk_size, eps, starts, cu_seqlens)
+        h, (C, n, _) = _cell(*leaves, st, resolve_backend("mlstm", backend, q.device), chunk_size, eps, starts, cu_seqlens)
         outs, grads = [h], [dh]
         for t, g in ((C, dC), (n, dn)):
             if g is not None:
@@ -184,7 +165,7 @@ def mlstm_decode(
         raise ValueError(f"mlstm_decode: q must have shape (B, NH, d_qk), got {tuple(q.shape)}")
     B, NH, dqk = q.shape
     check_inputs(q[:, :, None], k[:, :, None], v[:, :, None], i[:, :, None], f[:, :, None], state)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend("mlstm", backend, q.device)
     if name == "triton":
         from .triton_step import mlstm_step_triton
 
@@ -207,6 +188,4 @@ __all__ = [
     "mlstm_parallel",
     "mlstm_recurrent",
     "mlstm_step",
-    "resolve_backend",
-    "triton_available",
 ]

@@ -12,7 +12,7 @@ Conventions (all backends follow them exactly, so they agree to rounding):
 * Inside a call no gradient flows through m (it is a constant of the computation; see the last point for
   the returned state).
 * Gate maths and states are float32 (float64 for float64 inputs) whatever the input dtype.
-* Packed documents (``cu_seqlens``, see ``openxlstm.ops.packing``): at every document start except a row's
+* Packed documents (``cu_seqlens``, see ``openxlstm.ops.varlen``): at every document start except a row's
   first token the state becomes the initial one (C = 0, n = 0, m = 0) before the token is read, so each
   document gives exactly what it gives alone. A forget-gate pre-activation of -inf (log f = -inf) is a hard
   reset: it wipes the state, and since then m_t = i_t whatever m_{t-1} was, it equals a fresh start exactly.
@@ -44,11 +44,6 @@ class mLSTMState(NamedTuple):
     C: torch.Tensor
     n: torch.Tensor
     m: torch.Tensor
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """States and gate maths run in float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def exp_flushed(x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ def mlstm_recurrent(q, k, v, i, f, state: mLSTMState, eps: float = 1e-6,
                     starts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, mLSTMState]:
     """Run ``mlstm_step`` over the sequence. Shapes as in ``openxlstm.ops.mlstm``; h in the state dtype.
 
-    starts: (B, S) bool document starts (``ops.packing.doc_starts``) or None: there the state becomes the
+    starts: (B, S) bool document starts (``ops.varlen.doc_starts``) or None: there the state becomes the
     initial one (zeros) before the token is read."""
     S = q.shape[2]
     hs = []

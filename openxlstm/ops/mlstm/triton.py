@@ -52,10 +52,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import triton_utils
-from ..packing import doc_starts
+from .. import triton_utils
+from ..varlen import doc_starts
 from .common import M_FLOOR, mLSTMState, segment_starts
-from .triton_utils import autotune, dot_config, mm, mm32, mm_wide, pow2
+from ..triton_utils import autotune, dot_config, mm, mm32, mm_wide, pow2
 
 _PAD_I = -1e30
 DEFAULT_CHUNK = 256
@@ -832,7 +832,7 @@ def mlstm_triton(
     q, k: (B, NH, S, d_qk); v: (B, NH, S, d_v); i, f: (B, NH, S) (strided views are fine); state: None or
     (C (B, NH, d_qk, d_v), n (B, NH, d_qk), m (B, NH)), read as float32 and never modified; gradients reach C
     and n (not m). chunk_size (the state chunk L) is rounded to a power of two in [16, 256], default 256:
-    the result does not depend on it beyond rounding. cu_seqlens: packed documents (``openxlstm.ops.packing``).
+    the result does not depend on it beyond rounding. cu_seqlens: packed documents (``openxlstm.ops.varlen``).
     Returns h (B, NH, S, d_v) in v.dtype and the final float32 state (m a constant: ``mlstm`` adds its
     gradient). Float64 inputs keep their float64 conventions: they go to the plain-PyTorch chunkwise form.
     """

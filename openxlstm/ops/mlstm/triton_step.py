@@ -17,8 +17,8 @@ import triton.language as tl
 
 from .common import M_FLOOR, initial_state, mLSTMState
 from .recurrent import mlstm_step
-from . import triton_utils
-from .triton_utils import logsigmoid, pow2
+from .. import triton_utils
+from ..triton_utils import logsigmoid, pow2
 
 
 @triton.jit

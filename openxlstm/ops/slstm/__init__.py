@@ -10,24 +10,13 @@ from typing import Optional
 
 import torch
 
-from ..mlstm.common import state_dtype
-from ..packing import doc_starts
+from ..backends import SLSTM_BACKENDS, resolve_backend, state_dtype
+from ..varlen import doc_starts
 from .common import FORGET_GATES, check_inputs, initial_state, sLSTMState
 from .fused import slstm_fused
 from .recurrent import slstm_recurrent
 
-BACKENDS = ("auto", "recurrent", "fused", "triton")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto"`` to the fastest backend on ``device``: Triton on CUDA, else the fused PyTorch path."""
-    if backend not in BACKENDS:
-        raise ValueError(f"slstm: unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        from ..mlstm import triton_available
-
-        return "triton" if triton_available(device) else "fused"
-    return backend
+BACKENDS = SLSTM_BACKENDS
 
 
 def slstm(
@@ -51,7 +40,7 @@ def slstm(
         forget_gate: "sigmoid" (default) or "exp" (exponential forget gate).
         backend: "auto", "recurrent", "fused" or "triton" (CUDA).
         return_state: also return the final state.
-        cu_seqlens: (D+1,) packed documents over the B*S tokens (``openxlstm.ops.packing``): the state is
+        cu_seqlens: (D+1,) packed documents over the B*S tokens (``openxlstm.ops.varlen``): the state is
             zeros at every document start except each row's first (which starts from ``state``); the
             returned state is the last document's.
 
@@ -60,7 +49,7 @@ def slstm(
     """
     B, S, E, NH, d = check_inputs(x, R, b, state, forget_gate)
     starts = doc_starts(cu_seqlens, B, S, "slstm", x.device)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend("slstm", backend, x.device)
     sdt = state_dtype(x.dtype)
     st = initial_state(state, B, E, sdt, x.device)
     if name == "triton":

@@ -13,7 +13,7 @@ recurrence (i_t where the input gate won the max, log f_t + m_{t-1} where the fo
 matching -c dm, -n dm terms; a passed-in m receives <dc, c> + <dn, n> + its share of the recurrence. A loss on
 a continuation gets the same gradients either way (the m terms cancel); a loss on c, n, m its true one.
 
-Packed documents (``cu_seqlens``, ``openxlstm.ops.packing``): at every document start except a row's first
+Packed documents (``cu_seqlens``, ``openxlstm.ops.varlen``): at every document start except a row's first
 token the state (h, c, n, m) becomes zeros before the token is read, exactly as if the document ran alone.
 
 ``slstm_step`` is one step of it; ``slstm_decode`` is that step for generation (the sLSTM layer's path for
@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..mlstm.common import state_dtype
+from ..backends import state_dtype
 from .common import check_inputs, initial_state, sLSTMState
 
 

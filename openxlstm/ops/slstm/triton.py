@@ -32,9 +32,9 @@ import triton.language as tl
 
 from typing import Optional
 
-from ..mlstm import triton_utils
-from ..mlstm.triton_utils import dot_config, logsigmoid, mm32, pow2, sigmoid, tanh
-from ..packing import doc_starts
+from .. import triton_utils
+from ..triton_utils import dot_config, logsigmoid, mm32, pow2, sigmoid, tanh
+from ..varlen import doc_starts
 from .common import sLSTMState
 from .fused import slstm_fused, stabilizer_grad
 

@@ -15,7 +15,7 @@ relative. The recurrent state is float32 whatever the model's dtype.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -23,13 +23,14 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ..config import check_field_types
-from ..layers.backends import Backends
+from ..config import ConfigIO, check_field_types
 from ..layers.common import MultiHeadNorm, RMSNorm, run_block, small_init_, wang_init_
 from ..layers.head import LMOutput, check_input_ids
+from ..ops.backends import Backends
 from ..ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from ..ops.mlstm import mLSTMState, mlstm, mlstm_decode
-from ..ops.packing import check_cu_seqlens
+from ..ops.varlen import check_cu_seqlens
+from .base import LanguageModel
 
 
 def round_up_to_multiple(x: float, multiple: int) -> int:
@@ -44,7 +45,7 @@ def soft_cap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
 
 
 @dataclass
-class xLSTMLargeConfig:
+class xLSTMLargeConfig(ConfigIO):
     """The shape of an xLSTM-7B-style model, with the field names of transformers' ``xLSTMConfig``.
 
     Derived widths: ``qk_dim = int(hidden_size * qk_dim_factor)`` and ``v_dim = int(hidden_size *
@@ -106,18 +107,6 @@ class xLSTMLargeConfig:
     def ffn_dim(self) -> int:
         return round_up_to_multiple(self.hidden_size * self.ffn_proj_factor, self.ffn_round_up_to_multiple_of)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "xLSTMLargeConfig":
-        """Strict: an unknown field is an error that lists the allowed ones."""
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown xLSTMLargeConfig field(s) {unknown}; allowed: {allowed}")
-        return cls(**data)
-
 
 class mLSTMLargeLayer(nn.Module):
     """q, k (qk_dim), v and the output gate (v_dim), and one input and one forget gate per head, all linear in
@@ -168,33 +157,46 @@ class mLSTMLargeLayer(nn.Module):
                 lin.bias.copy_(b)
         self.multihead_norm.reset_parameters()
 
-    def forward(self, x: torch.Tensor, state: Optional[mLSTMState] = None, backends: Backends = Backends(),
-                cu_seqlens: Optional[torch.Tensor] = None):
-        """x: (B, S, E) (normalized) -> (y (B, S, E), new mLSTMState (float32)); cu_seqlens: packed documents."""
-        B, S, _ = x.shape
+    def _projections(self, x: torch.Tensor):
+        """x (B, S, E) -> q, k (B, S, QK), v, o (B, S, V), soft-capped gates i, f (B, S, NH)."""
         NH, QK, V = self.num_heads, self.qk_dim, self.v_dim
         cap = self.config.gate_soft_cap
         if self.config.weight_mode == "single":
-            q, k, v, o = self.q(x), self.k(x), self.v(x), self.ogate_preact(x)  # (B, S, QK) x 2, (B, S, V) x 2
-            i, f = soft_cap(self.igate_preact(x), cap), soft_cap(self.fgate_preact(x), cap)  # (B, S, NH) each
+            q, k, v, o = self.q(x), self.k(x), self.v(x), self.ogate_preact(x)
+            i, f = soft_cap(self.igate_preact(x), cap), soft_cap(self.fgate_preact(x), cap)
         else:
             q, k, v, o = self.qkv_opreact(x).split([QK, QK, V, V], dim=-1)
             i, f = soft_cap(self.ifgate_preact(x), cap).split([NH, NH], dim=-1)
+        return q, k, v, o, i, f
 
-        if S == 1 and backends.mlstm in ("auto", "recurrent", "triton"):  # decode: the fused step
-            h, cell = mlstm_decode(q.view(B, NH, -1), k.view(B, NH, -1), v.view(B, NH, -1), i.view(B, NH),
-                                   f.view(B, NH), state, backend=backends.mlstm, eps=self.config.eps)
-            h = h[:, None]  # (B, 1, NH, V / NH)
-        else:
-            def heads(t):  # (B, S, NH * d) -> (B, NH, S, d)
-                return t.view(B, S, NH, -1).transpose(1, 2)
+    def init_state(self, batch_size: int, device=None) -> mLSTMState:
+        """Zeros in float32: C (B, NH, QK/NH, V/NH), n (B, NH, QK/NH), m (B, NH)."""
+        NH = self.num_heads
+        f32 = dict(device=device if device is not None else self.out_proj.weight.device, dtype=torch.float32)
+        return mLSTMState(torch.zeros(batch_size, NH, self.qk_dim // NH, self.v_dim // NH, **f32),
+                          torch.zeros(batch_size, NH, self.qk_dim // NH, **f32), torch.zeros(batch_size, NH, **f32))
 
-            h, cell = mlstm(heads(q), heads(k), heads(v), i.transpose(1, 2), f.transpose(1, 2), state,
-                            backend=backends.mlstm, chunk_size=backends.chunk_size, eps=self.config.eps,
-                            return_state=True, cu_seqlens=cu_seqlens)
-            h = h.transpose(1, 2)  # (B, S, NH, V / NH)
-        y = self.out_proj(torch.sigmoid(o) * self.multihead_norm(h))  # (B, S, E)
-        return y, cell
+    def forward(self, x: torch.Tensor, state: Optional[mLSTMState] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                *, backends: Backends = Backends()):
+        """x: (B, S, E) (normalized) -> (y (B, S, E), new mLSTMState (float32)); cu_seqlens: packed documents."""
+        B, S, _ = x.shape
+        q, k, v, o, i, f = self._projections(x)
+
+        def heads(t):  # (B, S, NH * d) -> (B, NH, S, d)
+            return t.view(B, S, self.num_heads, -1).transpose(1, 2)
+
+        h, cell = mlstm(heads(q), heads(k), heads(v), i.transpose(1, 2), f.transpose(1, 2), state,
+                        backend=backends.mlstm, chunk_size=backends.chunk_size, eps=self.config.eps,
+                        return_state=True, cu_seqlens=cu_seqlens)
+        return self.out_proj(torch.sigmoid(o) * self.multihead_norm(h.transpose(1, 2))), cell
+
+    def step(self, x: torch.Tensor, state: Optional[mLSTMState], *, backends: Backends = Backends()):
+        """One token per sequence: x (B, 1, E) -> (y (B, 1, E), new state), with the cell's fused step."""
+        B, NH = x.shape[0], self.num_heads
+        q, k, v, o, i, f = self._projections(x)
+        h, cell = mlstm_decode(q.view(B, NH, -1), k.view(B, NH, -1), v.view(B, NH, -1), i.view(B, NH),
+                               f.view(B, NH), state, backend=backends.mlstm, eps=self.config.eps)
+        return self.out_proj(torch.sigmoid(o) * self.multihead_norm(h[:, None])), cell
 
 
 class SwiGLU(nn.Module):
@@ -246,9 +248,11 @@ class xLSTMLargeBlock(nn.Module):
             module.reset_parameters()
 
     def forward(self, x: torch.Tensor, state: Optional[mLSTMState], backends: Backends,
-                cu_seqlens: Optional[torch.Tensor] = None):
-        """x: (B, S, E) -> (x, new state)."""
-        y, state = self.mlstm_layer(self.norm_mlstm(x), state, backends, cu_seqlens)
+                cu_seqlens: Optional[torch.Tensor] = None, step: bool = False):
+        """x: (B, S, E) -> (x, new state); ``step``: one token per row through the layer's step."""
+        h = self.norm_mlstm(x)
+        y, state = (self.mlstm_layer.step(h, state, backends=backends) if step else
+                    self.mlstm_layer(h, state, cu_seqlens, backends=backends))
         x = x + y
         return x + self.ffn(self.norm_ffn(x)), state
 
@@ -291,7 +295,7 @@ def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-class xLSTMLargeLM(nn.Module):
+class xLSTMLargeLM(LanguageModel):
     """xLSTM-7B-style language model. ``forward(input_ids, state=None, return_state=False, labels=None,
     return_logits=False)`` like every model of the package: logits (B, S, V) in float32 (soft-capped), or
     (logits, state), or with ``labels`` an ``LMOutput``. The state is one float32 ``mLSTMState`` (C, n, m)
@@ -301,14 +305,11 @@ class xLSTMLargeLM(nn.Module):
     ``tokenizer`` is the checkpoint's tokenizer when it had one (used by ``generate``), else None.
     """
 
+    config_class = xLSTMLargeConfig
+
     def __init__(self, config: xLSTMLargeConfig, backends: Optional[Backends] = None):
-        super().__init__()
-        if not isinstance(config, xLSTMLargeConfig):
-            raise TypeError(f"xLSTMLargeLM needs an xLSTMLargeConfig, got {type(config).__name__}")
-        self.config = config
+        super().__init__(config)
         self.backends = backends or Backends()
-        self.activation_checkpointing = False
-        self.tokenizer = None
         self.backbone = xLSTMLargeBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -331,17 +332,12 @@ class xLSTMLargeLM(nn.Module):
         """The residual blocks (``backbone.blocks``): the units that FSDP shards one by one."""
         return self.backbone.blocks
 
-    def set_backends(self, mlstm: str = "auto", slstm: str = "auto", chunk_size: Optional[int] = None) -> "xLSTMLargeLM":
-        """Choose the mLSTM kernels at run time (not saved with the model); ``slstm`` is accepted and unused;
-        ``chunk_size`` None keeps the backend's default."""
-        chunk = {} if chunk_size is None else {"chunk_size": chunk_size}
-        self.backends = Backends(mlstm=mlstm, slstm=slstm, **chunk)
-        return self
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.embeddings
 
-    def set_activation_checkpointing(self, enabled: bool = True) -> "xLSTMLargeLM":
-        """Recompute each block's forward during backward instead of keeping its activations (training only)."""
-        self.activation_checkpointing = bool(enabled)
-        return self
+    def init_state(self, batch_size: int, device=None) -> tuple[mLSTMState, ...]:
+        """One zero float32 mLSTMState per block."""
+        return tuple(block.mlstm_layer.init_state(batch_size, device) for block in self.backbone.blocks)
 
     def _check(self, input_ids: torch.Tensor, state) -> None:
         check_input_ids("xLSTMLargeLM", input_ids, self.config.vocab_size)
@@ -366,11 +362,14 @@ class xLSTMLargeLM(nn.Module):
         S = input_ids.shape[1]
         piece = S if torch.is_grad_enabled() or cu_seqlens is not None else self.config.max_inference_chunksize
         states = [None] * len(self.backbone.blocks) if state is None else list(state)
+        backends = self.backends.resolve(input_ids.device)
+        step = S == 1 and cu_seqlens is None and not torch.is_grad_enabled()
         outs = []
         for s in range(0, S, piece):
             x = self.backbone.embeddings(input_ids[:, s:s + piece])  # (B, piece, E)
             for j, block in enumerate(self.backbone.blocks):
-                x, states[j] = run_block(block, self.activation_checkpointing, x, states[j], self.backends, cu_seqlens)
+                x, states[j] = run_block(block, self.activation_checkpointing, x, states[j], backends, cu_seqlens,
+                                         step)
             outs.append(x[:, -1:] if last_only else x)
         x = outs[-1] if last_only or len(outs) == 1 else torch.cat(outs, dim=1)
         return self.backbone.out_norm(x), tuple(states)
@@ -406,34 +405,12 @@ class xLSTMLargeLM(nn.Module):
         return LMOutput(loss=loss, logits=self.logits(hidden) if return_logits else None,
                         state=new_state if return_state else None, num_tokens=(labels != IGNORE_INDEX).sum())
 
-    def generate(self, prompt, tokenizer=None, **kwargs):
-        """Continue ``prompt`` (see ``openxlstm.generation.generate``); the tokenizer defaults to the model's."""
-        from ..generation import generate
-
-        return generate(self, prompt, tokenizer if tokenizer is not None else self.tokenizer, **kwargs)
-
     def save_pretrained(self, directory, max_shard_size: Union[int, str] = "5GB", overwrite: bool = False):
         """Write a directory that ``transformers.xLSTMForCausalLM.from_pretrained`` loads (see
         ``openxlstm.large.save.save_pretrained``). Returns its path."""
-        from .save import save_pretrained
+        from ..io.hf import save_hf
 
-        return save_pretrained(self, directory, max_shard_size=max_shard_size, overwrite=overwrite)
-
-    # optimizer ------------------------------------------------------------------------------------------
-    def optim_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: weight decay on the projection matrices; none on norms, biases and the embedding."""
-        decay, no_decay, seen = [], [], set()
-        emb = self.backbone.embeddings.weight
-        for p in self.parameters():
-            if id(p) in seen or not p.requires_grad:
-                continue
-            seen.add(id(p))
-            (decay if p.dim() >= 2 and p is not emb else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-    def num_params(self) -> int:
-        """Number of distinct parameters (a tied head counts once)."""
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        return save_hf(self, directory, max_shard_size=max_shard_size, overwrite=overwrite)
 
 
 __all__ = ["xLSTMLargeConfig", "xLSTMLargeLM", "xLSTMLargeBlock", "mLSTMLargeLayer", "SwiGLU",

@@ -24,7 +24,6 @@ record ``{"type": "none", "vocab_size": V}``: they load without a tokenizer, nev
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -41,8 +40,8 @@ from safetensors.torch import save_model as st_save_model
 
 from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
-from ..large.pretrained import detect_format, load_hf, local_dir, resolve_device, resolve_dtype
 from ..models import arch_of, build_model
+from .files import check_writable_dir, chmod_tree, fsync, fsync_tree, replace_dir, write_error, write_text_atomic
 
 FORMAT = "openxlstm-checkpoint"
 LATEST = "latest"
@@ -51,46 +50,6 @@ DCP_DIR = "dcp"
 
 
 MODEL_KEY = "openxlstm_model"  # safetensors metadata / trainer.pt: the model description saved with the weights
-# OSErrors caused by the machine, not by a bug: reported in one line
-USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG, errno.EIO}
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a directory (its entries) to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some file systems cannot fsync a directory
-        if e.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def write_error(e: OSError, what: str) -> "UserError":
-    """A one-line UserError for a full disk, a read-only or forbidden path (None for any other OSError)."""
-    if e.errno not in USER_ERRNOS:
-        return None
-    where = f" ({e.filename})" if e.filename else ""
-    return UserError(f"cannot write {what}: {e.strerror or e}{where}; nothing written before was changed: free disk "
-                     f"space or fix the permissions, then run again (with --resume to continue a run)")
 
 
 def model_description(model: torch.nn.Module) -> dict:
@@ -126,7 +85,7 @@ def _linked_copy(src: Path, dst: Path) -> None:
     except OSError:
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst)
-    _fsync_tree(dst)
+    fsync_tree(dst)
 
 
 def _swap_in(run_dir: Path, tmp: Path, name: str) -> None:
@@ -139,19 +98,19 @@ def _swap_in(run_dir: Path, tmp: Path, name: str) -> None:
             keep = run_dir / f".{name}.prev"
             shutil.rmtree(keep, ignore_errors=True)
             _linked_copy(final, keep)
-            _write_text_atomic(run_dir / LATEST, keep.name + "\n")
+            write_text_atomic(run_dir / LATEST, keep.name + "\n")
         old = run_dir / f".{name}.old"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(tmp, final)
-        _fsync(run_dir)
-        _write_text_atomic(run_dir / LATEST, name + "\n")
+        fsync(run_dir)
+        write_text_atomic(run_dir / LATEST, name + "\n")
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(run_dir / f".{name}.prev", ignore_errors=True)
         return
     os.replace(tmp, final)
-    _fsync(run_dir)
-    _write_text_atomic(run_dir / LATEST, name + "\n")
+    fsync(run_dir)
+    write_text_atomic(run_dir / LATEST, name + "\n")
 
 
 def read_latest(run_dir) -> Optional[str]:
@@ -197,7 +156,8 @@ def finish_checkpoint(run_dir, step: int, tmp: Path, model: torch.nn.Module, tok
         if trainer_state is not None or weights == "dcp":
             torch.save({**(trainer_state or {}), MODEL_KEY: description}, tmp / "trainer.pt")
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: marks a whole checkpoint
-        _fsync_tree(tmp)
+        chmod_tree(tmp)
+        fsync_tree(tmp)
         _swap_in(run_dir, tmp, name)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -226,6 +186,35 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, tokenizer=None, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return finish_checkpoint(run_dir, step, tmp, model, tokenizer, train_config, trainer_state, extra, keep)
+
+
+def save_model_dir(model: torch.nn.Module, directory, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write ``model`` as a model directory (config.json, model.safetensors, the tokenizer's file): a checkpoint
+    without trainer state, which ``openxlstm.from_pretrained`` and ``generate`` / ``eval --model`` read.
+    Built as a temporary sibling and swapped in; a non-empty ``directory`` is replaced only with ``overwrite``."""
+    target = Path(directory).expanduser()
+    check_writable_dir(target, overwrite)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    description = model_description(model)
+    spec = ({"type": "none", "vocab_size": model.config.vocab_size} if tokenizer is None else tokenizer.spec())
+    meta = {"format": FORMAT, **description, "tokenizer": spec, "step": None, "train": {}, "weights": "safetensors"}
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        st_save_model(model, str(tmp / WEIGHTS_FILE), metadata={MODEL_KEY: json.dumps(description)})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        fsync_tree(tmp)
+        replace_dir(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, f"the model into {str(target)!r}") or e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def resolve_checkpoint(path) -> Path:
@@ -331,37 +320,6 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), checkpoint_tokenizer(meta, ckpt), meta
 
 
-def load_pretrained(path, dtype=None, device=None):
-    """(model in eval mode, tokenizer or None, info) from any local model directory: an openxlstm run or
-    checkpoint, a transformers ``xLSTMForCausalLM`` directory (xLSTM-7B) or the authors' ``xlstm_large`` layout
-    (``openxlstm.large.pretrained``). ``dtype``: torch.dtype or name, None keeps the checkpoint's; ``device``:
-    default CPU. info: the run's meta for our runs, else {"source", "arch", "path", "step": None, "train": {}};
-    always with "source" ("openxlstm", "transformers" or "xlstm_large"). The tokenizer is also
-    ``model.tokenizer``."""
-    p = local_dir(path)
-    if detect_format(p) != "openxlstm":
-        return load_hf(p, dtype=dtype, device=device)
-    dtype, device = resolve_dtype(dtype), resolve_device(device)
-    model, tokenizer, meta = load_model(p, device=device)
-    if dtype is not None:
-        model.to(dtype)
-    model.tokenizer = tokenizer
-    return model, tokenizer, dict(meta, source="openxlstm")
-
-
-def from_pretrained(path, dtype=None, device=None) -> torch.nn.Module:
-    """The model of a local checkpoint directory, in eval mode, with its tokenizer as ``model.tokenizer``.
-
-    Args:
-        path: a directory written by transformers' ``save_pretrained`` (xLSTM-7B and its kind), in the authors'
-            ``xlstm_large`` layout, or an ``openxlstm train`` run / checkpoint directory. A hub name such as
-            "NX-AI/xLSTM-7b" is refused: download the files first.
-        dtype: torch.dtype or name ("bfloat16", "float32", ...); None keeps the checkpoint's.
-        device: where the weights go (default CPU); they are read there tensor by tensor.
-    """
-    return load_pretrained(path, dtype=dtype, device=device)[0]
-
-
 def checkpoint_tokenizer(meta: dict, ckpt: Path):
     """The tokenizer a checkpoint records, or None for a model of token ids (a token-file run without a
     tokenizer: ``{"type": "none"}``, or no record at all)."""
@@ -409,6 +367,6 @@ def _trainer_state_problem(state) -> Optional[str]:
     return None
 
 
-__all__ = ["save_checkpoint", "begin_checkpoint", "finish_checkpoint", "resolve_checkpoint", "read_meta",
-           "load_weights", "load_model", "load_pretrained", "from_pretrained", "load_trainer_state", "checkpoint_tokenizer", "check_config_unchanged", "clean_leftovers",
-           "read_latest", "write_error", "WEIGHTS_FILE", "DCP_DIR"]
+__all__ = ["save_checkpoint", "save_model_dir", "begin_checkpoint", "finish_checkpoint", "resolve_checkpoint", "read_meta",
+           "load_weights", "load_model", "load_trainer_state", "checkpoint_tokenizer", "check_config_unchanged", "clean_leftovers",
+           "read_latest", "model_description", "FORMAT", "LATEST", "MODEL_KEY", "WEIGHTS_FILE", "DCP_DIR"]

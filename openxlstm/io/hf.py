@@ -1,108 +1,132 @@
-"""Checkpoint directories of xLSTM-7B-style models: read them from two foreign layouts (``save.py`` writes one).
+"""xLSTM-7B-style model directories in two foreign layouts: read both, write transformers'.
 
-``load_hf(path)`` reads, from a local directory only (nothing is fetched):
+``load_hf(path)`` reads, from a local directory:
 
 * transformers (``xLSTMForCausalLM.save_pretrained``): config.json (model_type "xlstm"), model.safetensors
   or shards model-0000k-of-0000n.safetensors with model.safetensors.index.json, tokenizer.json if any;
 * the authors' ``xlstm_large``: config.yaml (``xLSTMLargeConfig`` fields), model.safetensors or shards
-  model_0.safetensors, model_1.safetensors, ...; the same weights, the embedding named ``embedding.weight``;
-* our run or checkpoint directories (``openxlstm train``) are told apart here (``detect_format``) and read by
-  ``openxlstm.train.checkpoint`` (``openxlstm.from_pretrained`` takes all three).
+  model_0.safetensors, model_1.safetensors, ...; the same weights, the embedding named ``embedding.weight``.
 
 The model is built on the meta device and every tensor is read from its shard only when its parameter is
-filled, so peak memory stays near the model's size. ``save_pretrained`` writes transformers' layout into a
-temporary directory renamed into place, sharded above ``max_shard_size`` (``save.py``).
+filled, so peak memory stays near the model's size. ``save_hf`` (``xLSTMLargeLM.save_pretrained``) writes
+transformers' layout into a temporary directory swapped into place, sharded above ``max_shard_size``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
+from ..device import resolve_device, resolve_dtype
 from ..errors import UserError
-from .model import xLSTMLargeConfig, xLSTMLargeLM
-from .save import INDEX, SINGLE, TOKENIZER
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-           "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
+from ..models.xlstm_large import xLSTMLargeConfig, xLSTMLargeLM
+from .files import check_writable_dir, detect_format, local_dir, read_json, replace_dir
 
 _XLSTM_LARGE_FIELDS = ("vocab_size", "num_heads", "use_bias", "norm_eps", "norm_reduction_force_float32",
                        "add_out_norm", "qk_dim_factor", "v_dim_factor", "eps", "ffn_proj_factor",
                        "ffn_round_up_to_multiple_of", "gate_soft_cap", "output_logit_soft_cap")
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+TOKENIZER = "tokenizer.json"
 
 
-def resolve_dtype(dtype) -> Optional[torch.dtype]:
-    """None, a floating torch.dtype, or a name ("bfloat16", "bf16", "float32", ...) -> torch.dtype or None."""
-    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        return dtype
-    name = str(dtype).lower().removeprefix("torch.")
-    if name not in _DTYPES:
-        raise UserError(f"dtype {dtype!r} is not supported: choose float32, bfloat16, float16 or float64")
-    return _DTYPES[name]
+# transformers' xLSTMConfig fields that choose kernels and modes, written so that any machine loads the model
+_TRANSFORMERS_RUNTIME = {"chunkwise_kernel": "chunkwise--native_autograd", "sequence_kernel": "native_sequence__native",
+                         "step_kernel": "native", "mode": "inference", "chunk_size": 64, "return_last_states": True,
+                         "autocast_kernel_dtype": "bfloat16", "inference_state_dtype": "float32", "use_cache": True}
 
 
-def resolve_device(device) -> torch.device:
+def config_to_transformers(config, dtype: torch.dtype) -> dict:
+    """The config.json of transformers' ``xLSTMForCausalLM`` for our ``xLSTMLargeConfig``."""
+    if not config.add_out_norm:
+        raise ValueError("transformers' xLSTM always applies an output norm: a model without one (add_out_norm=False) "
+                         "cannot be saved in its format")
+    name = str(dtype).removeprefix("torch.")
+    return {"architectures": ["xLSTMForCausalLM"], "model_type": "xlstm", **config.to_dict(),
+            "embedding_dim": config.hidden_size, "num_blocks": config.num_hidden_layers, **_TRANSFORMERS_RUNTIME,
+            "dtype": name}
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes from an int or a string such as "5GB", "500MB", "2GiB"."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = _SIZE.match(str(size))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"max_shard_size {size!r}: give a positive number of bytes or a size like '5GB', '500MB', '2GiB'")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+
+
+def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
+    """Names grouped in order into shards of at most ``limit`` bytes (a larger tensor gets a shard alone)."""
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def save_hf(model: torch.nn.Module, directory, max_shard_size: Union[int, str] = "5GB",
+                    overwrite: bool = False) -> Path:
+    """Write ``model`` (an ``xLSTMLargeLM``) in transformers' layout: config.json, model.safetensors (or shards
+    of at most ``max_shard_size`` with model.safetensors.index.json) and tokenizer.json when the model has a
+    ``tokenizers`` tokenizer. Written into a temporary directory renamed into place; an existing non-empty
+    ``directory`` is replaced only with ``overwrite=True``."""
+    from safetensors.torch import save_file
+
+    if not (hasattr(model, "backbone") and hasattr(getattr(model, "config", None), "qk_dim_factor")):
+        raise TypeError(f"save_pretrained writes xLSTMLargeLM models (transformers' xLSTM), got {type(model).__name__}")
+    target = Path(directory).expanduser()
+    check_writable_dir(target, overwrite)
+    limit = parse_size(max_shard_size)
+    tensors = dict(model.state_dict())
+    if model.config.tie_word_embeddings:  # transformers' xLSTM does not tie on load: the head is stored too
+        tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()
+    dtype = model.backbone.embeddings.weight.dtype
+    config = config_to_transformers(model.config, dtype)
+    groups = _shards(tensors, limit)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
     try:
-        return torch.device("cpu" if device is None else device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"device {device!r} is not a valid device (cpu, cuda, cuda:N)") from None
-
-
-def local_dir(path) -> Path:
-    p = Path(path).expanduser()
-    if p.is_dir():
-        return p
-    if p.exists():
-        raise UserError(f"{str(path)!r} is a file: pass the checkpoint directory that holds config.json")
-    if _HUB_NAME.match(str(path)):
-        raise UserError(f"{str(path)!r} does not exist as a local directory, and openxlstm downloads nothing: if it "
-                        f"names a Hugging Face model, fetch its files first (huggingface-cli download {path} "
-                        f"--local-dir DIR) and pass DIR")
-    raise UserError(f"checkpoint directory {str(path)!r} does not exist")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {str(path)!r}: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{str(path)!r} must hold a JSON object")
-    return data
-
-
-def detect_format(p: Path) -> str:
-    """"transformers", "xlstm_large" or "openxlstm" for a checkpoint directory."""
-    if (p / "latest").is_file():
-        return "openxlstm"
-    if (p / "config.json").is_file():
-        try:
-            cfg = _read_json(p / "config.json")
-        except UserError as e:
-            raise UserError(f"checkpoint {str(p)!r} is corrupt: {e}") from None
-        if cfg.get("format") == "openxlstm-checkpoint":
-            return "openxlstm"
-        if cfg.get("model_type") not in (None, "xlstm"):
-            raise UserError(f"{str(p)!r} holds a transformers {cfg['model_type']!r} model; only xLSTM (model_type "
-                            f"'xlstm') is supported")
-        if cfg.get("model_type") == "xlstm" or "hidden_size" in cfg or "num_hidden_layers" in cfg:
-            return "transformers"
-        if "embedding_dim" in cfg and "num_blocks" in cfg:
-            return "xlstm_large"
-        raise UserError(f"{str(p)!r}: config.json is neither a transformers xLSTM config nor an openxlstm checkpoint")
-    if (p / "config.yaml").is_file():
-        return "xlstm_large"
-    raise UserError(f"{str(p)!r} is not a checkpoint directory: no config.json (transformers, openxlstm) or "
-                    f"config.yaml (xlstm_large) in it")
+        weight_map = {}
+        for k, names in enumerate(groups, start=1):
+            file = SINGLE if len(groups) == 1 else f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+            save_file({n: tensors[n].detach().to("cpu").contiguous() for n in names}, str(tmp / file),
+                      metadata={"format": "pt"})
+            weight_map.update({n: file for n in names})
+        if len(groups) > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is not None and hasattr(tokenizer, "tokenizer") and hasattr(tokenizer.tokenizer, "save"):
+            tokenizer.tokenizer.save(str(tmp / TOKENIZER))
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 # configs --------------------------------------------------------------------------------------------------
@@ -150,7 +174,7 @@ def _xlstm_large_config(p: Path, fused: bool) -> xLSTMLargeConfig:
         if not isinstance(cfg, dict):
             raise UserError(f"{where!r} must hold a mapping of xLSTMLargeConfig fields")
     else:
-        cfg = _read_json(Path(where))
+        cfg = read_json(Path(where))
     for key in ("embedding_dim", "num_blocks", "vocab_size", "num_heads"):
         if key not in cfg:
             raise UserError(f"{where} lacks {key!r}")
@@ -166,7 +190,7 @@ def _xlstm_large_config(p: Path, fused: bool) -> xLSTMLargeConfig:
 # weights --------------------------------------------------------------------------------------------------
 def _weight_files(p: Path, fmt: str) -> list[Path]:
     if fmt == "transformers" and (p / INDEX).is_file():
-        weight_map = _read_json(p / INDEX).get("weight_map")
+        weight_map = read_json(p / INDEX).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise UserError(f"{str(p / INDEX)!r} has no weight_map")
         files = [p / name for name in sorted(set(weight_map.values()))]
@@ -274,19 +298,19 @@ def _tokenizer(p: Path):
 # loading --------------------------------------------------------------------------------------------------
 def load_hf(path, dtype=None, device=None):
     """(model in eval mode, tokenizer or None, info) from a transformers or xlstm_large directory (an openxlstm
-    run is refused here: ``openxlstm.train.checkpoint.load_pretrained`` reads all three).
+    run is refused here: ``openxlstm.io.load_pretrained`` reads all three).
 
     info: {"source": "transformers" | "xlstm_large", "arch": "xlstm-large", "path", "step": None, "train": {}}.
     """
     p = local_dir(path)
-    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    dtype, device = resolve_dtype(dtype), resolve_device("cpu" if device is None else device)
     fmt = detect_format(p)
     if fmt == "openxlstm":
         raise UserError(f"{str(p)!r} is an openxlstm run: load it with openxlstm.from_pretrained")
     files = _weight_files(p, fmt)
     names = _weight_names(files)
     if fmt == "transformers":
-        config = config_from_transformers(_read_json(p / "config.json"), str(p / "config.json"))
+        config = config_from_transformers(read_json(p / "config.json"), str(p / "config.json"))
         if config.tie_word_embeddings and "lm_head.weight" in names:
             config.tie_word_embeddings = False  # transformers' xLSTM loads a stored head, tied or not
         rename = _identity
@@ -306,4 +330,5 @@ def _from_xlstm_large(key: str) -> str:
     return "backbone.embeddings.weight" if key == "embedding.weight" else key
 
 
-__all__ = ["load_hf", "detect_format", "config_from_transformers", "resolve_dtype", "resolve_device", "local_dir"]
+__all__ = ["load_hf", "save_hf", "config_from_transformers", "config_to_transformers", "parse_size", "INDEX", "SINGLE",
+           "TOKENIZER"]

@@ -1,0 +1,63 @@
+"""Every model format in one place: readers and writers of model directories, and ``from_pretrained``.
+
+    run.py       our run and checkpoint directories (``openxlstm train``) and saved models
+    hf.py        transformers' ``xLSTMForCausalLM`` directories (xLSTM-7B) and the authors' ``xlstm_large``
+    official.py  the authors' ``xlstm`` package: its configs and state dicts, both ways
+    files.py     atomic writes, directory swaps, format detection
+
+``from_pretrained(path)`` takes any of the directories and returns the model in eval mode with its tokenizer
+as ``model.tokenizer``; ``save_pretrained(model, directory)`` writes the model's own format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..device import resolve_device, resolve_dtype
+from .files import detect_format, local_dir
+from .hf import load_hf
+from .official import load_official, save_official
+from .run import load_model, save_model_dir
+
+
+def load_pretrained(path, dtype=None, device=None):
+    """(model in eval mode, tokenizer or None, info) from any local model directory: an openxlstm run,
+    checkpoint or saved model, a transformers ``xLSTMForCausalLM`` directory (xLSTM-7B) or the authors'
+    ``xlstm_large`` layout. ``dtype``: torch.dtype or name, None keeps the checkpoint's; ``device``: default
+    the CPU. info: the run's meta for ours, else {"source", "arch", "path", "step": None, "train": {}}; always
+    with "source" ("openxlstm", "transformers" or "xlstm_large"). The tokenizer is also ``model.tokenizer``."""
+    p = local_dir(path)
+    if detect_format(p) != "openxlstm":
+        return load_hf(p, dtype=dtype, device=device)
+    dtype, device = resolve_dtype(dtype), resolve_device("cpu" if device is None else device)
+    model, tokenizer, meta = load_model(p, device=device)
+    if dtype is not None:
+        model.to(dtype)
+    model.tokenizer = tokenizer
+    return model, tokenizer, dict(meta, source="openxlstm")
+
+
+def from_pretrained(path, dtype=None, device=None) -> torch.nn.Module:
+    """The model of a local model directory, in eval mode, with its tokenizer as ``model.tokenizer``.
+
+    Args:
+        path: a directory written by ``model.save_pretrained`` or ``openxlstm train`` (a run or one of its
+            checkpoints), by transformers' ``save_pretrained`` (xLSTM-7B and its kind), or in the authors'
+            ``xlstm_large`` layout.
+        dtype: torch.dtype or name ("bfloat16", "float32", ...); None keeps the checkpoint's.
+        device: where the weights go (default CPU).
+    """
+    return load_pretrained(path, dtype=dtype, device=device)[0]
+
+
+def save_pretrained(model: torch.nn.Module, directory, overwrite: bool = False, **kwargs) -> Path:
+    """Write ``model`` into ``directory`` in its own format (openxlstm models: config.json, model.safetensors
+    and the tokenizer; see ``run.save_model_dir``). Returns the directory's path."""
+    if kwargs:
+        raise TypeError(f"save_pretrained: unexpected arguments {sorted(kwargs)}")
+    return save_model_dir(model, directory, tokenizer=getattr(model, "tokenizer", None), overwrite=overwrite)
+
+
+__all__ = ["from_pretrained", "load_pretrained", "save_pretrained", "load_official", "save_official", "detect_format"]

@@ -1,0 +1,67 @@
+"""The model registry: every architecture by one name, mapped to its config and model classes.
+
+    "xlstm"        xLSTM language model (``xlstm.py``)
+    "xlstm-large"  xLSTM-7B's architecture, the model of transformers' ``xLSTMForCausalLM`` (``xlstm_large.py``)
+    "transformer"  Llama-style Transformer baseline (``transformer.py``)
+    "lstm"         classic multi-layer LSTM baseline (``lstm.py``)
+    "reslstm"      LSTM cells in the xLSTM block structure (``reslstm.py``)
+
+Every model derives from ``LanguageModel`` (``base.py``) and takes the same forward signature, so training,
+checkpoints, generation and evaluation only see ``build_model(arch, config)`` and never need to know which
+architecture they handle. The experiments' names ("xlstm[1:1]", "lstm", ...) are aliases: see
+``openxlstm.experiments.zoo``.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+from ..errors import UserError
+from .base import LanguageModel
+from .lstm import LSTMConfig, LSTMLM
+from .reslstm import ResidualLSTMLM
+from .transformer import TransformerConfig, TransformerLM
+from .xlstm import xLSTMConfig, xLSTMLM
+from .xlstm_large import xLSTMLargeConfig, xLSTMLargeLM
+
+ARCHS = {
+    "xlstm": (xLSTMConfig, xLSTMLM),
+    "xlstm-large": (xLSTMLargeConfig, xLSTMLargeLM),
+    "transformer": (TransformerConfig, TransformerLM),
+    "lstm": (LSTMConfig, LSTMLM),
+    "reslstm": (xLSTMConfig, ResidualLSTMLM),
+}
+
+
+def config_from_dict(arch: str, config: Union[dict, object]):
+    """The config object of ``arch`` from a dict (or pass a config object through, checking its type)."""
+    if arch not in ARCHS:
+        raise UserError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    config_cls = ARCHS[arch][0]
+    if isinstance(config, config_cls):
+        return config
+    if not isinstance(config, dict):
+        raise UserError(f"the {arch} config must be a JSON object of {config_cls.__name__} fields")
+    try:
+        return config_cls.from_dict(dict(config))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"invalid {arch} config: {e}") from None
+
+
+def build_model(arch: str, config: Union[dict, object]) -> LanguageModel:
+    """A freshly initialized model of ``arch`` (a name of ``ARCHS``) from its config (dict or object)."""
+    config = config_from_dict(arch, config)
+    return ARCHS[arch][1](config)
+
+
+def arch_of(model) -> str:
+    """The registry name of a model instance: of the nearest registered class in its type's MRO (FSDP wraps
+    a model in a subclass of its class)."""
+    names = {model_cls: name for name, (_, model_cls) in ARCHS.items()}
+    for cls in type(model).__mro__:
+        if cls in names:
+            return names[cls]
+    raise TypeError(f"{type(model).__name__} is not a registered architecture")
+
+
+__all__ = ["ARCHS", "LanguageModel", "build_model", "config_from_dict", "arch_of"]
