@@ -36,7 +36,9 @@ from .models import ARCHS
 from .device import DEVICE_RE, resolve_device
 from .io import load_pretrained
 from .io.run import read_meta, resolve_checkpoint
-from .train.loop import BIN_DTYPES, TrainConfig, train
+from .train import Preempted, TrainConfig, train
+from .options import add_options, arg_type, given_options, int_range, number
+from .train.config import BIN_DTYPES
 from .train.metrics import plot_losses
 
 # flags whose value is fixed by the checkpoint when resuming
@@ -90,119 +92,17 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _int_arg(lo: int, hi: Optional[int] = None):
-    """An argparse type: an integer in [lo, hi]."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            where = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise argparse.ArgumentTypeError(f"expected an integer {where}, got {text}")
-        return value
-    parse.__name__ = "integer"
-    return parse
-
-
-def _float_arg(lo: float, lo_open: bool = False, hi: Optional[float] = None, hi_open: bool = False):
-    """An argparse type: a finite number in the interval given."""
-    where = (f"{'>' if lo_open else '>='} {lo:g}" if hi is None else
-             f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and (value > lo if lo_open else value >= lo) and
-                (hi is None or (value < hi if hi_open else value <= hi))):
-            raise argparse.ArgumentTypeError(f"expected a number {where}, got {text!r}")
-        return value
-    parse.__name__ = "number"
-    return parse
-
-
-def _device_arg(text: str) -> str:
-    if not DEVICE_RE.match(text):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
-    return text
-
-
-_positive_int = _int_arg(1)
+_DEVICE = ((lambda v: DEVICE_RE.match(v) is not None), "auto, cpu, cuda or cuda:N")
+_positive_int = arg_type(int_range(1), int)
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a language model (no arguments: a small byte-level xLSTM on a "
                                      "built-in corpus, ~6 minutes on 2 idle CPU cores)")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=list(ARCHS),
-                   help="architecture (default xlstm); xlstm-large: xLSTM-7B's architecture (small by default)")
-    g.add_argument("--config", help="model config: a JSON file or inline JSON of the architecture's config fields "
-                                    "(default: the architecture's default model)")
-    g.add_argument("--preset", help="xLSTM paper model SIZE[:RATIO], e.g. 125m:7:1 or 350m:1:0 (default: none)")
-    g.add_argument("--size", type=_positive_int, help="baselines: target parameter count (default: equal to the "
-                                                     "default xLSTM)")
-    g.add_argument("--init", metavar="DIR",
-                   help="fine-tune: start from the weights of DIR, a transformers xLSTMForCausalLM directory (e.g. "
-                        "xLSTM-7B's), the authors' xlstm_large layout or an openxlstm run; the architecture and "
-                        "model config come from DIR (no --arch, --config, --preset, --size), and the tokenizer "
-                        "too unless --tokenizer is given; weights loaded in float32 (default: none, a freshly "
-                        "initialized model)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="a text file or folder, or a token file (.bin / .npy); default: the "
-                                  "built-in corpus (Python docs + stdlib sources)")
-    g.add_argument("--tokenizer", help="'byte' (default for text), 'bpe:N' (train a BPE of vocabulary N), or a "
-                                       "tokenizer.json path; token files: none by default (the model reads ids)")
-    g.add_argument("--val-fraction", type=_float_arg(0, True, 1, True),
-                   help="held-out validation fraction, in (0, 1) (default 0.05)")
-    g.add_argument("--bin-dtype", choices=BIN_DTYPES, help="dtype of raw .bin token files (default uint16)")
-    g.add_argument("--pack-documents", action=argparse.BooleanOptionalAction, default=None,
-                   help="each document ends with an end-of-document token and starts from a fresh state, and no "
-                        "loss crosses a boundary (default: on for a folder or the built-in corpus, off for one "
-                        "text file; a token file's documents end at the tokenizer's end-of-document id)")
-    g = p.add_argument_group("training")
-    g.add_argument("--out", help="run directory (default runs/default); a fresh run needs it new or empty")
-    g.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace the run in --out (its checkpoints, metrics, plot and summary; other files stay) "
-                        "(default: off: a fresh run needs --out new or empty)")
-    g.add_argument("--resume", nargs="?", const="auto",
+    add_options(p, TrainConfig)
+    p.add_argument("--resume", nargs="?", const="auto",
                    help="continue from the latest checkpoint of --out, or of the given run/checkpoint directory "
                         "(default: a fresh run)")
-    g.add_argument("--max-steps", type=_positive_int, help="optimizer steps (default 1200)")
-    g.add_argument("--max-time", type=_float_arg(0, True),
-                   help="stop (with a checkpoint) after this many minutes (default: no limit)")
-    g.add_argument("--stop-at", type=_positive_int,
-                   help="stop at this step as if interrupted, resume later (default: run to --max-steps)")
-    g.add_argument("--batch-size", type=_positive_int, help="global batch in sequences (default 16)")
-    g.add_argument("--grad-accum", type=_positive_int, help="gradient accumulation steps (default 1)")
-    g.add_argument("--seq-len", type=_positive_int, help="training context in tokens (default 128)")
-    g.add_argument("--lr", type=_float_arg(0, True), help="peak learning rate, > 0 (default 3e-3)")
-    g.add_argument("--min-lr", type=_float_arg(0), help="final learning rate (default lr/10)")
-    g.add_argument("--warmup", type=_int_arg(0), help="warm-up steps (default 60)")
-    g.add_argument("--weight-decay", type=_float_arg(0), help="AdamW weight decay on matrices (default 0.1)")
-    g.add_argument("--grad-clip", type=_float_arg(0), help="gradient norm clip, 0 for none (default 1.0)")
-    g.add_argument("--seed", type=_int_arg(0, 2**63 - 1), help="seed, >= 0 (default 0)")
-    g.add_argument("--device", type=_device_arg, help="auto, cpu, cuda or cuda:N (default auto: a GPU if there is one)")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
-                   help="autocast dtype (default auto: bf16 on GPU, float32 on CPU)")
-    g.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                   help="torch.compile the model (each block under --fsdp); the first steps are slower. BACKEND: "
-                        "inductor when left out, or another torch.compile backend such as aot_eager (default: off)")
-    g.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="recompute each block's forward during backward instead of keeping its activations: "
-                        "less memory for about one more forward pass (default: off)")
-    g.add_argument("--fsdp", action="store_true", default=None,
-                   help="under torchrun: shard parameters, gradients and optimizer state over the processes "
-                        "(FSDP2; bf16 parameters on GPU) instead of DDP; checkpoints are sharded (DCP) (default: off)")
-    g.add_argument("--eval-every", type=_positive_int, help="validate every N steps (default 200)")
-    g.add_argument("--eval-tokens", type=_positive_int, help="validation tokens per evaluation (default 65536)")
-    g.add_argument("--log-every", type=_positive_int, help="metrics CSV row every N steps (default 10)")
-    g.add_argument("--save-every", type=_positive_int, help="checkpoint every N steps (default 400)")
-    g.add_argument("--samples", type=_int_arg(0), help="samples generated at the end (default 3)")
-    g.add_argument("--sample-tokens", type=_int_arg(0), help="tokens per sample (default 160)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="log lines instead of a progress bar (default: a progress bar)")
 
 
 def _model_args(p) -> None:
@@ -226,19 +126,19 @@ def _gen_parser(sub) -> None:
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text (repeat for a batch); for a model of token ids (trained on a token file "
                         "without a tokenizer), ids separated by spaces or commas, e.g. '17 4 99'")
-    p.add_argument("--max-new-tokens", type=_int_arg(0), default=200, help="tokens generated per prompt")
-    p.add_argument("--temperature", type=_float_arg(0), default=0.8, help="sampling temperature, 0 for greedy")
+    p.add_argument("--max-new-tokens", type=arg_type(int_range(0), int), default=200, help="tokens generated per prompt")
+    p.add_argument("--temperature", type=arg_type(number(0), float), default=0.8, help="sampling temperature, 0 for greedy")
     p.add_argument("--top-k", type=_positive_int, default=None,
                    help="sample from the K likeliest tokens only (default: all)")
-    p.add_argument("--top-p", type=_float_arg(0, True, 1), default=None,
+    p.add_argument("--top-p", type=arg_type(number(0, True, 1), float), default=None,
                    help="nucleus sampling: the smallest set of tokens whose probability reaches P, in (0, 1] "
                         "(default: all)")
-    p.add_argument("--seed", type=_int_arg(0, 2**63 - 1), default=None,
+    p.add_argument("--seed", type=arg_type(int_range(0, 2**63 - 1), int), default=None,
                    help="seed: the same seed gives the same text (default: a random one)")
     p.add_argument("--stop", default=None,
                    help="stop a sample when this text appears; backslash escapes are read, e.g. \\n\\n for a "
                         "blank line (default: none)")
-    p.add_argument("--device", type=_device_arg, default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", type=arg_type(_DEVICE), default="cpu", help="cpu, cuda, cuda:N or auto")
 
 
 def _eval_parser(sub) -> None:
@@ -254,7 +154,7 @@ def _eval_parser(sub) -> None:
                         "65,536 and uint32 above)")
     p.add_argument("--max-tokens", type=_positive_int, default=65536,
                    help="tokens scored per context, spread evenly over the split")
-    p.add_argument("--device", type=_device_arg, default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", type=arg_type(_DEVICE), default="cpu", help="cpu, cuda, cuda:N or auto")
 
 
 def _plot_parser(sub) -> None:
@@ -298,16 +198,15 @@ def _read_model_config(text: str) -> tuple[Optional[str], dict]:
 
 
 def _train_config(args) -> tuple:
-    known = {f.name for f in fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in known and v is not None}
-    if args.config is not None:
-        arch, model = _read_model_config(args.config)
+    given = given_options(args, TrainConfig)
+    if args.model is not None:
+        arch, model = _read_model_config(args.model)
         if arch is not None and given.setdefault("arch", arch) != arch:
             raise UserError(f"--config holds a {arch} model but --arch is {given['arch']}")
         given["model"] = model
-    if args.config is not None and args.preset is not None:
+    if args.model is not None and args.preset is not None:
         raise UserError("use either --config or --preset, not both")
-    if args.init is not None and args.arch is not None:  # the other model choices: train.loop.check_init
+    if args.init is not None and args.arch is not None:  # the other model choices: train.app.check_init
         raise UserError(f"--init takes the architecture and model config from {args.init!r}: leave out --arch")
     if args.resume is None:
         return TrainConfig(**given), None
@@ -497,6 +396,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Preempted as e:
+        return e.exit_status
+    except BrokenPipeError:  # the reader of our output went away (`... | head`): stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not raise again
+        return 0
 
 
 __all__ = ["main", "build_parser"]

@@ -215,7 +215,7 @@ def test_main_cli_runs_experiments(tmp_path, capsys):
     assert read_results(tmp_path / "g" / "results.csv")[0]["model"] == "xlstm[0:1]"
     assert "| xlstm[0:1] |" in (tmp_path / "g" / "results.md").read_text()
     assert openxlstm_main(["experiment", "grid", "--width", "0", "--out", out]) == 2
-    assert "error: --width must be positive" in capsys.readouterr().err
+    assert "argument --width: expected an integer >= 1" in capsys.readouterr().err
 
 
 def test_tiny_ablation(tmp_path):

@@ -170,7 +170,7 @@ def test_lra_smoke_end_to_end_and_resume(tmp_path, capsys):
 
 def test_lra_speed_scaling_reject_bad_input(tmp_path, capsys):
     for args, msg in ((["lra", "--tasks", "textclass"], "unknown LRA task 'textclass'"),
-                      (["lra", "--steps", "0"], "--steps must be positive"),
+                      (["lra", "--steps", "0"], "argument --steps: expected an integer >= 1"),
                       (["speed", "--models", "lstm"], "speed compares"),
                       (["scaling", "--widths", "0,8"], "--widths must be positive")):
         assert main(["experiment", *args, "--scale", "smoke", "--out", str(tmp_path / "x")]) != 0

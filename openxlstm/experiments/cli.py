@@ -20,8 +20,10 @@ from dataclasses import replace
 
 import torch
 
-from ..errors import UserError
 from ..device import autocast_dtype, resolve_device
+from ..errors import UserError
+from ..options import add_options, arg_type, given_options, int_range, number
+from ..train.config import TrainConfig
 from . import lra, scaling, speed
 from .ablation import LADDER, run_ablation
 from .zoo import PAPER_MODELS, SLSTM_INITS, canonical_name
@@ -43,17 +45,26 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+_POS_INT = arg_type(int_range(1), int)
+_POS_FLOAT = arg_type(number(0, lo_open=True), float)
+_NONNEG_FLOAT = arg_type(number(0), float)
+_SEED = arg_type(int_range(0, 2**63 - 1), int)
+HARDWARE = ("device", "dtype", "compile", "activation_checkpointing")  # the training engine's options
+
+
 def _add_run_options(p) -> None:
-    """How cells / rungs run (not part of a result's key in the CSV: keep one --out per device and dtype)."""
-    g = p.add_argument_group("hardware (the training engine's options)")
-    g.add_argument("--device", default="cpu", help="where to train: cpu (the default), cuda, cuda:N or auto (a GPU "
-                                                   "when present)")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="autocast dtype (default: auto, which is bf16 on GPU and float32 on CPU)")
-    g.add_argument("--compile", nargs="?", const="inductor", default=False, metavar="BACKEND",
-                   help="torch.compile each model (default: off; BACKEND: inductor when left out, or e.g. aot_eager)")
-    g.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each block's forward during backward: less memory, same results (default: off)")
+    """How cells / rungs run, the same flags as ``openxlstm train``'s (not part of a result's key in the CSV:
+    keep one --out per device and dtype)."""
+    add_options(p, TrainConfig, names=HARDWARE)
+
+
+def _run_options(args) -> RunOptions:
+    """The engine options given on the command line, the others at TrainConfig's defaults; a bad --device or
+    --dtype is an error before any cell runs."""
+    values = {name: getattr(TrainConfig, name) for name in HARDWARE}
+    values.update(given_options(args, TrainConfig, HARDWARE))
+    autocast_dtype(values["dtype"], resolve_device(values["device"]))
+    return RunOptions(**values)
 
 
 def _scale_overrides(parser, scales, options) -> None:
@@ -87,12 +98,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--models", type=_list, default=list(PAPER_MODELS),
                    help=f"comma-separated: xlstm[a:b], lstm, reslstm, transformer (default: {','.join(PAPER_MODELS)})")
     g.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds (default: 0)")
-    g.add_argument("--width", type=int, default=64, help="embedding width of every model (default 64)")
-    g.add_argument("--num-blocks", type=int, default=2, help="blocks / layers of every model (default 2, as the paper)")
-    g.add_argument("--steps", type=int, default=1000, help="training steps per cell (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=64, help="training sequences per step (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=0.1,
+    g.add_argument("--width", type=_POS_INT, default=64, help="embedding width of every model (default 64)")
+    g.add_argument("--num-blocks", type=_POS_INT, default=2, help="blocks / layers of every model (default 2, as the paper)")
+    g.add_argument("--steps", type=_POS_INT, default=1000, help="training steps per cell (default: %(default)s)")
+    g.add_argument("--batch-size", type=_POS_INT, default=64, help="training sequences per step (default: %(default)s)")
+    g.add_argument("--lr", type=_POS_FLOAT, default=1e-3, help="peak learning rate, AdamW (default: %(default)s)")
+    g.add_argument("--weight-decay", type=_NONNEG_FLOAT, default=0.1,
                    help="AdamW weight decay on the weight matrices (default: %(default)s)")
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                    help="learning rate after a linear warm-up over the first 5%% of the steps: 'cosine' decays to "
@@ -100,19 +111,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--slstm-init", choices=SLSTM_INITS, default="reference",
                    help="sLSTM forget-gate biases: 'reference' (depth-dependent, the default) or 'block0' (every sLSTM "
                         "block starts as the first one: most units forget fast; the parity recipe)")
-    g.add_argument("--train-max-len", type=int, default=40, help="train on input lengths 1..N (default 40)")
+    g.add_argument("--train-max-len", type=_POS_INT, default=40, help="train on input lengths 1..N (default 40)")
     g.add_argument("--test-lengths", default="41-256", help="test input lengths lo-hi (default 41-256)")
     g.add_argument("--supervision", choices=("prefix", "last"), default="prefix",
                    help="train classification tasks on every prefix's label (default) or on the final label only")
-    g.add_argument("--eval-batches", type=int, default=8,
+    g.add_argument("--eval-batches", type=_POS_INT, default=8,
                    help="test batches per cell, one input length each (default: %(default)s)")
-    g.add_argument("--eval-batch-size", type=int, default=64, help="sequences per test batch (default: %(default)s)")
-    g.add_argument("--mqar-context", type=int, default=64, help="MQAR: sequence length T (default: %(default)s)")
-    g.add_argument("--mqar-pairs", type=int, default=8, help="MQAR: key-value pairs N (default: %(default)s)")
-    g.add_argument("--mqar-vocab", type=int, default=64, help="MQAR: vocabulary size V (default: %(default)s)")
-    g.add_argument("--max-minutes", type=float, default=None, help=_MAX_MINUTES.format("cell"))
-    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
-    g.add_argument("--log-every", type=int, default=100, help=_LOG_EVERY)
+    g.add_argument("--eval-batch-size", type=_POS_INT, default=64, help="sequences per test batch (default: %(default)s)")
+    g.add_argument("--mqar-context", type=_POS_INT, default=64, help="MQAR: sequence length T (default: %(default)s)")
+    g.add_argument("--mqar-pairs", type=_POS_INT, default=8, help="MQAR: key-value pairs N (default: %(default)s)")
+    g.add_argument("--mqar-vocab", type=_POS_INT, default=64, help="MQAR: vocabulary size V (default: %(default)s)")
+    g.add_argument("--max-minutes", type=_POS_FLOAT, default=None, help=_MAX_MINUTES.format("cell"))
+    g.add_argument("--threads", type=_POS_INT, default=1, help="torch CPU threads (default: %(default)s)")
+    g.add_argument("--log-every", type=_POS_INT, default=100, help=_LOG_EVERY)
     g.add_argument("--out", required=True, help="output folder (required, no default): results.csv (appended), "
                                                 "results.md, heatmap.png")
     _add_run_options(g)
@@ -120,17 +131,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a = sub.add_parser("ablation", help="the LM ablation ladder at equal budgets, in validation bits per byte")
     a.add_argument("--models", type=_list, default=list(LADDER),
                    help=f"comma-separated rungs, each a model name (default: {','.join(LADDER)})")
-    a.add_argument("--width", type=int, default=128, help="embedding width of every rung (default: %(default)s)")
-    a.add_argument("--num-blocks", type=int, default=8, help="blocks / layers of every rung (default: %(default)s)")
-    a.add_argument("--seq-len", type=int, default=128, help="training context in bytes (default: %(default)s)")
-    a.add_argument("--batch-size", type=int, default=16, help="training sequences per step (default: %(default)s)")
-    a.add_argument("--steps", type=int, default=500, help="training steps per rung (default: %(default)s)")
-    a.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, AdamW (default: %(default)s)")
-    a.add_argument("--eval-tokens", type=int, default=65536, help="validation bytes scored (default: %(default)s)")
-    a.add_argument("--seed", type=int, default=0, help="seed of the initialization and the batches (default: %(default)s)")
-    a.add_argument("--max-minutes", type=float, default=None, help=_MAX_MINUTES.format("rung"))
-    a.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
-    a.add_argument("--log-every", type=int, default=50, help=_LOG_EVERY)
+    a.add_argument("--width", type=_POS_INT, default=128, help="embedding width of every rung (default: %(default)s)")
+    a.add_argument("--num-blocks", type=_POS_INT, default=8, help="blocks / layers of every rung (default: %(default)s)")
+    a.add_argument("--seq-len", type=_POS_INT, default=128, help="training context in bytes (default: %(default)s)")
+    a.add_argument("--batch-size", type=_POS_INT, default=16, help="training sequences per step (default: %(default)s)")
+    a.add_argument("--steps", type=_POS_INT, default=500, help="training steps per rung (default: %(default)s)")
+    a.add_argument("--lr", type=_POS_FLOAT, default=2e-3, help="peak learning rate, AdamW (default: %(default)s)")
+    a.add_argument("--eval-tokens", type=_POS_INT, default=65536, help="validation bytes scored (default: %(default)s)")
+    a.add_argument("--seed", type=_SEED, default=0, help="seed of the initialization and the batches (default: %(default)s)")
+    a.add_argument("--max-minutes", type=_POS_FLOAT, default=None, help=_MAX_MINUTES.format("rung"))
+    a.add_argument("--threads", type=_POS_INT, default=1, help="torch CPU threads (default: %(default)s)")
+    a.add_argument("--log-every", type=_POS_INT, default=50, help=_LOG_EVERY)
     a.add_argument("--out", required=True, help="output folder (required, no default): ablation.csv (appended), "
                                                 "ablation.md")
     _add_run_options(a)
@@ -159,15 +170,15 @@ def _add_lra_speed_scaling(sub) -> None:
     p.add_argument("--models", type=_list, default=list(lra.DEFAULT_MODELS),
                    help=f"comma-separated model zoo names (default: {','.join(lra.DEFAULT_MODELS)})")
     p.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds (default: 0)")
-    _scale_overrides(p, lra.SCALES, (("width", int, "embedding width of every model"),
-                                     ("num-blocks", int, "blocks / layers of every model"),
-                                     ("steps", int, "training steps per cell"),
-                                     ("batch-size", int, "training examples per step"),
-                                     ("lr", float, "peak learning rate, AdamW"),
-                                     ("test-examples", int, "test examples per cell")))
-    p.add_argument("--max-minutes", type=float, default=None, help=_MAX_MINUTES.format("cell"))
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--log-every", type=int, default=50, help=_LOG_EVERY)
+    _scale_overrides(p, lra.SCALES, (("width", _POS_INT, "embedding width of every model"),
+                                     ("num-blocks", _POS_INT, "blocks / layers of every model"),
+                                     ("steps", _POS_INT, "training steps per cell"),
+                                     ("batch-size", _POS_INT, "training examples per step"),
+                                     ("lr", _POS_FLOAT, "peak learning rate, AdamW"),
+                                     ("test-examples", _POS_INT, "test examples per cell")))
+    p.add_argument("--max-minutes", type=_POS_FLOAT, default=None, help=_MAX_MINUTES.format("cell"))
+    p.add_argument("--threads", type=_POS_INT, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--log-every", type=_POS_INT, default=50, help=_LOG_EVERY)
     p.add_argument("--out", default="runs/lra", help="output folder: lra.csv (appended), lra.md, lra.png "
                                                      "(default: %(default)s)")
     _add_run_options(p)
@@ -179,7 +190,7 @@ def _add_lra_speed_scaling(sub) -> None:
                    help=f"comma-separated, from {','.join(speed.MODELS)} (default: all)")
     v.add_argument("--device", default="auto", help="where to measure: auto (the default: a GPU when present, else "
                                                     "the CPU), cpu, cuda, cuda:N")
-    v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    v.add_argument("--threads", type=_POS_INT, default=None, help="torch CPU threads (default: torch's)")
     v.add_argument("--out", default="runs/speed", help="output folder: speed.csv (appended), speed.md, speed.png "
                                                        "(default: %(default)s)")
 
@@ -191,15 +202,15 @@ def _add_lra_speed_scaling(sub) -> None:
     c.add_argument("--widths", type=_ints, default=None,
                    help=f"comma-separated embedding widths, one run each (default: the --scale's, "
                         f"{_scale_values(scaling.SCALES, 'widths')})")
-    _scale_overrides(c, scaling.SCALES, (("num-blocks", int, "blocks / layers of every run"),
-                                         ("seq-len", int, "training context in bytes"),
-                                         ("batch-size", int, "training sequences per step"),
-                                         ("steps", int, "training steps per run (the same for every size)"),
-                                         ("lr", float, "peak learning rate, AdamW"),
-                                         ("eval-tokens", int, "validation bytes scored")))
-    c.add_argument("--max-minutes", type=float, default=None, help=_MAX_MINUTES.format("run"))
-    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    c.add_argument("--log-every", type=int, default=50, help=_LOG_EVERY)
+    _scale_overrides(c, scaling.SCALES, (("num-blocks", _POS_INT, "blocks / layers of every run"),
+                                         ("seq-len", _POS_INT, "training context in bytes"),
+                                         ("batch-size", _POS_INT, "training sequences per step"),
+                                         ("steps", _POS_INT, "training steps per run (the same for every size)"),
+                                         ("lr", _POS_FLOAT, "peak learning rate, AdamW"),
+                                         ("eval-tokens", _POS_INT, "validation bytes scored")))
+    c.add_argument("--max-minutes", type=_POS_FLOAT, default=None, help=_MAX_MINUTES.format("run"))
+    c.add_argument("--threads", type=_POS_INT, default=None, help="torch CPU threads (default: torch's)")
+    c.add_argument("--log-every", type=_POS_INT, default=50, help=_LOG_EVERY)
     c.add_argument("--out", default="runs/scaling", help="output folder: scaling.csv (appended), scaling.md, "
                                                          "scaling.png (default: %(default)s)")
     _add_run_options(c)
@@ -207,29 +218,22 @@ def _add_lra_speed_scaling(sub) -> None:
 
 def _run_lra_speed_scaling(args) -> int:
     if args.threads is not None:
-        _check_positive(args, ["threads"])
         torch.set_num_threads(args.threads)
     if args.experiment == "speed":
         for m in args.models:
             if canonical_name(m) not in speed.MODELS:
                 raise UserError(f"speed compares {', '.join(speed.MODELS)}; got {m!r}")
-        resolve_device(args.device)
-        speed.run_speed(speed.SCALES[args.scale], args.out, device=args.device,
+        speed.run_speed(speed.SCALES[args.scale], args.out, device=_run_options(args).device,
                         models=[canonical_name(m) for m in args.models])
         return 0
-    autocast_dtype(args.dtype, resolve_device(args.device))
-    options = RunOptions(device=args.device, dtype=args.dtype, compile=args.compile,
-                         activation_checkpointing=args.activation_checkpointing)
-    _check_positive(args, ["max_minutes", "log_every"])
+    options = _run_options(args)
     max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
     if args.experiment == "lra":
-        _check_positive(args, ["width", "num_blocks", "steps", "batch_size", "lr", "test_examples"])
         specs = lra.lra_specs(args.tasks, args.models, args.seeds, lra.SCALES[args.scale], width=args.width,
                               num_blocks=args.num_blocks, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               test_examples=args.test_examples)
         lra.run_lra(specs, args.out, max_seconds=max_seconds, log_every=args.log_every, options=options)
         return 0
-    _check_positive(args, ["num_blocks", "seq_len", "batch_size", "steps", "lr", "eval_tokens"])
     scale = scaling.SCALES[args.scale]
     if args.widths is not None:
         if any(w <= 0 for w in args.widths):
@@ -242,13 +246,6 @@ def _run_lra_speed_scaling(args) -> int:
     return 0
 
 
-def _check_positive(args, names):
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-
-
 def run(args) -> int:
     """Run the parsed ``experiment`` command; bad input raises UserError."""
     try:
@@ -258,14 +255,10 @@ def run(args) -> int:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise UserError("experiments run in one process; use torchrun only with 'openxlstm train'")
             return _run_lra_speed_scaling(args)
-        _check_positive(args, ["width", "num_blocks", "steps", "batch_size", "lr", "threads", "max_minutes",
-                               "log_every"])
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("experiments run in one process (cells one after another); use torchrun only with "
                             "'openxlstm train'")
-        autocast_dtype(args.dtype, resolve_device(args.device))  # a bad --device is an error before any cell runs
-        options = RunOptions(device=args.device, dtype=args.dtype, compile=args.compile,
-                             activation_checkpointing=args.activation_checkpointing)
+        options = _run_options(args)
         torch.set_num_threads(args.threads)
         max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
         if args.experiment == "ablation":
@@ -282,7 +275,6 @@ def run(args) -> int:
             raise UserError(f"--test-lengths {args.test_lengths!r}: expected lo-hi, e.g. 41-256") from None
         if not 1 <= lo <= hi:
             raise UserError(f"--test-lengths {args.test_lengths!r}: need 1 <= lo <= hi")
-        _check_positive(args, ["train_max_len", "eval_batches", "eval_batch_size"])
         specs = grid_specs(args.tasks, args.models, args.seeds, width=args.width, num_blocks=args.num_blocks,
                            steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                            schedule=args.schedule, slstm_init=args.slstm_init,

@@ -118,7 +118,7 @@ def _batch(task: Task, spec: CellSpec, gen: torch.Generator, lo: int, hi: int, b
 class RunOptions:
     """How cells run, not what they compute (not part of the CSV key): the training engine's hardware options."""
 
-    device: str = "cpu"
+    device: str = "auto"  # as ``openxlstm train``: a GPU when there is one
     dtype: str = "auto"  # autocast: auto (bf16 on GPU), float32, bfloat16
     compile: Union[bool, str] = False  # torch.compile: True (inductor) or a backend name
     activation_checkpointing: bool = False

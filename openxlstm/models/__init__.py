@@ -14,13 +14,13 @@ architecture they handle. The experiments' names ("xlstm[1:1]", "lstm", ...) are
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 from ..errors import UserError
 from .base import LanguageModel
-from .lstm import LSTMConfig, LSTMLM
+from .lstm import LSTMConfig, LSTMLM, sized_lstm_config
 from .reslstm import ResidualLSTMLM
-from .transformer import TransformerConfig, TransformerLM
+from .transformer import TransformerConfig, TransformerLM, sized_transformer_config
 from .xlstm import xLSTMConfig, xLSTMLM
 from .xlstm_large import xLSTMLargeConfig, xLSTMLargeLM
 
@@ -54,6 +54,27 @@ def build_model(arch: str, config: Union[dict, object]) -> LanguageModel:
     return ARCHS[arch][1](config)
 
 
+def default_config(arch: str, vocab_size: int, context_length: int, size: Optional[int] = None) -> dict:
+    """The default model of ``arch`` (what ``openxlstm train --arch NAME`` trains), as a config dict: the
+    xLSTM[3:1] of 4 blocks of width 128 (sLSTM at block 1); the residual LSTM of the same shape; xLSTM-7B's
+    architecture at 4 blocks of width 128; the LSTM and Transformer baselines sized to the default xLSTM's
+    parameter count, or to ``size`` parameters."""
+    if arch not in ARCHS:
+        raise UserError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    xl = xLSTMConfig(vocab_size=vocab_size, embedding_dim=128, num_blocks=4, slstm_at=[1], mlstm_num_heads=4,
+                     slstm_num_heads=4, context_length=context_length)
+    if arch in ("xlstm", "xlstm-large", "reslstm") and size is not None:
+        raise UserError(f"--size sizes the lstm and transformer baselines; give a {arch} model with --config")
+    if arch in ("xlstm", "reslstm"):
+        return xl.to_dict()
+    if arch == "xlstm-large":
+        return xLSTMLargeConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_heads=4).to_dict()
+    target = size or xLSTMLM(xl).num_params()
+    if arch == "lstm":
+        return sized_lstm_config(target, vocab_size, num_layers=2, context_length=context_length).to_dict()
+    return sized_transformer_config(target, vocab_size, num_layers=4, head_dim=32, context_length=context_length).to_dict()
+
+
 def arch_of(model) -> str:
     """The registry name of a model instance: of the nearest registered class in its type's MRO (FSDP wraps
     a model in a subclass of its class)."""
@@ -64,4 +85,4 @@ def arch_of(model) -> str:
     raise TypeError(f"{type(model).__name__} is not a registered architecture")
 
 
-__all__ = ["ARCHS", "LanguageModel", "build_model", "config_from_dict", "arch_of"]
+__all__ = ["ARCHS", "LanguageModel", "build_model", "config_from_dict", "default_config", "arch_of"]

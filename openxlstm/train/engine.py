@@ -1,54 +1,51 @@
 """The training engine: every run trains through it.
 
-``openxlstm train`` (``loop.py``), the experiment grid cells (``experiments/runner.py``) and the LM ablation
-rungs (``experiments/ablation.py``) each hand an ``Engine`` a model, a schedule and an ``EngineConfig``, so
+``openxlstm train`` (``app.py``), the experiment grid cells (``experiments/runner.py``), the LM ablation rungs,
+the LRA cells and the scaling runs each hand an ``Engine`` a model, a schedule and an ``EngineConfig``, so
 every feature reaches every run:
 
     EngineConfig.device, .dtype        the model on its device; bf16 autocast on GPU ("auto")
-    .activation_checkpointing          model.set_activation_checkpointing(True): blocks recomputed in backward
-    .compile                           torch.compile (True or a backend name; each block in place under FSDP)
-    several torchrun processes         DDP, or FSDP2 with .fsdp (``parallel.py``)
+    .activation_checkpointing,         applied from outside the model by ``parallel.parallelize``
+    .compile, several processes, .fsdp
     .weight_decay, .betas, .grad_clip  AdamW on the model's ``optim_groups``, clipping; the CosineSchedule
     .grad_accum                        micro-batches per optimizer step
-    train_step(input_ids, labels[, cu_seqlens])  one optimizer step; the loss is the model's:
+    train_step(inputs, labels[, cu_seqlens])  one optimizer step; the loss is the model's:
                                        model(x, labels=y[, cu_seqlens=...]).loss (packed documents)
-    evaluate(batches)                  mean loss (and accuracy) over the scored tokens
-    fit(batch_at, until, ...)          the loop: metrics rows, evaluation, checkpoints, time limit, Ctrl-C
-    save(run_dir, ...), resume(ckpt)   safetensors (one process, DDP) or sharded DCP (FSDP), interchangeable
+    evaluate(batches)                  mean loss (and accuracy) over the scored labels
+    fit(batch_at, until, ...)          the loop: metrics rows, evaluation, checkpoints, time limit, Ctrl-C,
+                                       SIGTERM / SIGUSR1 (a checkpoint at the next step boundary, then Preempted)
+    save(run_dir, ...), resume(ckpt)   ``checkpoint.Checkpointer``: safetensors or sharded DCP, interchangeable
 
-Labels hold the target of each position (for a language model the next token), -100 where nothing is scored.
-A step's loss is the mean over the scored tokens of the whole global batch, however it is split into
-micro-batches and processes, so 2 processes or 2 accumulation steps follow the trajectory of one.
+Labels hold the target of each position: token ids with -100 where nothing is scored, or float targets with
+NaN where nothing is scored. A step's loss is the mean over the scored labels of the whole global batch,
+however it is split into micro-batches and processes, so 2 processes or 2 accumulation steps follow the
+trajectory of one.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict, set_state_dict)
 
 from ..data.packing import split_micro_batches
 from ..device import autocast_dtype, resolve_device
 from ..errors import UserError
-from ..models import arch_of, build_model
+from ..evaluate import EvalResult, autocast, eval_result, eval_sums
 from ..ops.cross_entropy import IGNORE_INDEX
-from ..io.run import (DCP_DIR, WEIGHTS_FILE, begin_checkpoint, finish_checkpoint, load_trainer_state, load_weights,
-                         save_checkpoint)
-from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, is_initialized
+from .checkpoint import Checkpointer
+from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier
 from .metrics import MetricsLog
-from .parallel import apply_ddp, apply_fsdp
+from .parallel import parallelize
 from .schedule import CosineSchedule
 
 
@@ -59,6 +56,20 @@ class TrainingDiverged(UserError):
     def __init__(self, loss: float, step: int):
         self.loss, self.step = loss, step
         super().__init__(f"the training loss is {loss} at step {step}: lower the learning rate or check the data")
+
+
+class Preempted(Exception):
+    """``Engine.fit`` stopped at a step boundary after SIGTERM or SIGUSR1, with a checkpoint saved (when the run
+    saves). ``exit_status``: 143 for SIGTERM (128 + 15, as if killed by it), 0 for SIGUSR1 (SLURM sends it
+    before a job's time runs out; the job is requeued and resumes)."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        self.exit_status = 0 if signum == getattr(signal, "SIGUSR1", None) else 128 + signum
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+
+
+PREEMPT_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
 
 
 @dataclass
@@ -78,13 +89,6 @@ class EngineConfig:
 
 
 @dataclass
-class EvalResult:
-    loss: float  # mean over the scored tokens (nats)
-    tokens: int  # scored tokens, all processes
-    accuracy: Optional[float] = None  # fraction of scored positions whose arg-max logit is the label
-
-
-@dataclass
 class FitResult:
     step: int  # the step reached
     losses: list[float] = field(default_factory=list)  # training loss of each step run by this fit
@@ -93,86 +97,9 @@ class FitResult:
     seconds: float = 0.0
 
 
-def compile_backend(value: Union[bool, str, None]) -> Optional[str]:
-    """torch.compile's backend for a ``compile`` setting (None: no compilation)."""
-    if value is True:
-        return "inductor"
-    if not value:
-        return None
-    known = torch.compiler.list_backends(exclude_tags=())
-    if value not in known:
-        raise UserError(f"--compile {value!r}: not a torch.compile backend; use inductor (the default), aot_eager, "
-                        f"eager, cudagraphs (all: torch.compiler.list_backends(exclude_tags=()))")
-    return value
-
-
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def _eval_sums(forward, batches: Sequence, device, dtype, accuracy: bool, rounds: int) -> list[float]:
-    """[loss summed over scored tokens, scored tokens, correct] over ``batches``; ``rounds`` > len(batches)
-    adds forward passes whose results are dropped (FSDP: every process must gather parameters as often)."""
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.int64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    for j in range(rounds):
-        if j >= len(batches):
-            ids = batches[0][0] if batches else torch.zeros(1, 1, dtype=torch.int64)
-            with _autocast(device, dtype):
-                forward(ids[:1].to(device))
-            continue
-        x, y, *cu = (t.to(device, non_blocking=True) for t in batches[j])  # (b, S) each, packed: cu_seqlens
-        with _autocast(device, dtype):
-            out = forward(x, labels=y, return_logits=accuracy, **({"cu_seqlens": cu[0]} if cu else {}))
-        loss_sum += out.loss.double() * out.num_tokens
-        count += out.num_tokens
-        if accuracy:
-            correct += ((out.logits.argmax(-1) == y) & (y != IGNORE_INDEX)).sum()
-    return [float(loss_sum), float(count), float(correct)]
-
-
-def _result(sums: list[float], accuracy: bool) -> EvalResult:
-    loss_sum, count, correct = sums
-    return EvalResult(loss=loss_sum / max(count, 1.0), tokens=int(count),
-                      accuracy=correct / max(count, 1.0) if accuracy else None)
-
-
-def evaluate_model(model: nn.Module, batches: Sequence, device="cpu", dtype: Optional[torch.dtype] = None,
-                   accuracy: bool = False) -> EvalResult:
-    """One process, no engine: the mean loss of a model over (input_ids, labels) batches (see Engine.evaluate)."""
-    batches = list(batches)
-    was_training = model.training
-    model.eval()
-    try:
-        sums = _eval_sums(model, batches, torch.device(device), dtype, accuracy, len(batches))
-    finally:
-        model.train(was_training)
-    return _result(sums, accuracy)
-
-
-def _full_state_from_safetensors(model: nn.Module, path: Path) -> dict:
-    """A whole-model state dict from a safetensors file, with tied parameters (saved once) under each name."""
-    saved = load_file(str(path))
-    by_tensor: dict = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        by_tensor.setdefault(id(t), []).append(name)
-    for names in by_tensor.values():
-        present = [n for n in names if n in saved]
-        for n in names:
-            if n not in saved and present:
-                saved[n] = saved[present[0]]
-    return saved
-
-
-def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> dict:
-    """``optimizer.state_dict()`` (parameters numbered in group order) keyed by parameter names instead, the
-    form ``set_optimizer_state_dict`` shards."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    return {"state": {order[int(i)]: s for i, s in saved["state"].items()},
-            "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
+def scored(labels: torch.Tensor) -> torch.Tensor:
+    """Which labels are scored: ids other than -100, or finite float targets."""
+    return labels.isfinite() if labels.is_floating_point() else labels != IGNORE_INDEX
 
 
 def _format_row(row: dict, until: int) -> str:
@@ -215,33 +142,17 @@ class Engine:
         self.device = resolve_device(config.device, self.dist.local_rank if self.dist.enabled else 0)
         self.dtype = autocast_dtype(config.dtype, self.device)
         self.fsdp = config.fsdp
-        if self.fsdp and not is_initialized():
-            raise UserError("--fsdp shards the model over the processes that torchrun starts: run "
-                            "torchrun --nproc_per_node=N -m openxlstm train --fsdp ...")
-        if config.activation_checkpointing:
-            if not hasattr(model, "set_activation_checkpointing"):
-                raise UserError(f"{type(model).__name__} has no activation checkpointing")
-            model.set_activation_checkpointing(True)
-        on_meta = any(p.is_meta for p in model.parameters())
-        if on_meta and not self.fsdp:
-            raise ValueError("Engine: a model on the meta device is filled from init_state under FSDP only")
-        self.model = model if on_meta else model.to(self.device)  # the bare model: checkpoints hold its state
-        backend = compile_backend(config.compile)
-        if self.fsdp:
-            apply_fsdp(model, self.device, param_dtype=self.dtype, compile_backend=backend)
-            if on_meta:  # every process allocates its shards, the main process's whole state fills them
-                model.to_empty(device=self.device)
-                set_model_state_dict(model, init_state if self.dist.is_main else {},
-                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-            self.forward = self.train_forward = model
-        else:  # compiled through a wrapper: self.model stays the bare module, its state dict keys unprefixed
-            self.forward = torch.compile(model, backend=backend) if backend else model  # evaluation and training
-            self.train_forward = apply_ddp(self.forward, self.device) if self.dist.enabled else self.forward
+        self.model = model  # the bare model: checkpoints hold its state (sharded in place under FSDP)
+        self.forward, self.train_forward = parallelize(
+            model, self.device, activation_checkpointing=config.activation_checkpointing, compile=config.compile,
+            fsdp=config.fsdp, param_dtype=self.dtype, dist_info=self.dist, init_state=init_state)
         # after sharding: under FSDP the optimizer holds the local shards
         self.optimizer = torch.optim.AdamW(model.optim_groups(config.weight_decay), lr=schedule.lr,
                                            betas=tuple(config.betas), eps=config.eps)
+        self.checkpointer = Checkpointer(self, config.fsdp, self.dist)
         self.step = 0  # optimizer steps taken
         self.tokens = 0  # input tokens trained on, all processes
+        self._signal: Optional[int] = None  # a preemption signal received during fit
 
     # one step ------------------------------------------------------------------------------------------
     def _grad_sync(self, last: bool):
@@ -252,31 +163,31 @@ class Engine:
             return self.train_forward.no_sync()
         return nullcontext()
 
-    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                   cu_seqlens: Optional[torch.Tensor] = None) -> float:
+    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> float:
         """One optimizer step on this process's share of the global batch.
 
-        input_ids, labels: (b, S) host tensors, b a multiple of ``grad_accum``; cu_seqlens: packed documents
-        over the b*S tokens, every row start a boundary (``data.packing.window_batch``), passed to the model
-        per micro-batch. Returns the step's mean loss over the scored tokens of the global batch (all processes).
+        inputs, labels: (b, ...) host tensors, b a multiple of ``grad_accum`` (token ids (b, S) for a language
+        model); cu_seqlens: packed documents over the b*S tokens, every row start a boundary
+        (``data.packing.window_batch``), passed to the model per micro-batch. Returns the step's mean loss over
+        the scored labels of the global batch (all processes).
         """
         accum = self.config.grad_accum
-        if input_ids.shape[0] % accum:
-            raise ValueError(f"a batch of {input_ids.shape[0]} rows does not split into {accum} micro-batches")
-        micro = input_ids.shape[0] // accum
+        if inputs.shape[0] % accum:
+            raise ValueError(f"a batch of {inputs.shape[0]} rows does not split into {accum} micro-batches")
+        micro = inputs.shape[0] // accum
         world = self.dist.world_size
         self.schedule.apply(self.optimizer, self.step)
-        counts = (labels != IGNORE_INDEX).reshape(accum, -1).sum(1).tolist()  # scored tokens per micro-batch
+        counts = scored(labels).reshape(accum, -1).sum(1).tolist()  # scored labels per micro-batch
         total = max(all_reduce_sum([float(sum(counts))], self.device)[0] if self.dist.enabled else sum(counts), 1)
         loss_sum = torch.zeros((), device=self.device)
         packed = {} if cu_seqlens is None else {  # each micro-batch's own cu_seqlens
             a: {"cu_seqlens": cu.to(self.device, non_blocking=True)}
-            for a, cu in enumerate(split_micro_batches(cu_seqlens, input_ids.shape[0], input_ids.shape[1], accum))}
+            for a, cu in enumerate(split_micro_batches(cu_seqlens, inputs.shape[0], inputs.shape[1], accum))}
         for a in range(accum):
-            x = input_ids[a * micro:(a + 1) * micro].to(self.device, non_blocking=True)  # (micro, S)
-            y = labels[a * micro:(a + 1) * micro].to(self.device, non_blocking=True)  # (micro, S)
-            with self._grad_sync(a == accum - 1), _autocast(self.device, self.dtype):
-                loss = self.train_forward(x, labels=y, **packed.get(a, {})).loss  # mean over the scored tokens
+            x = inputs[a * micro:(a + 1) * micro].to(self.device, non_blocking=True)  # (micro, ...)
+            y = labels[a * micro:(a + 1) * micro].to(self.device, non_blocking=True)
+            with self._grad_sync(a == accum - 1), autocast(self.device, self.dtype):
+                loss = self.train_forward(x, labels=y, **packed.get(a, {})).loss  # mean over the scored labels
             # processes average their gradients, so weigh each micro-batch by its share of the global batch
             (loss * (counts[a] * world / total)).backward()
             loss_sum += loss.detach() * (counts[a] / total)
@@ -285,7 +196,7 @@ class Engine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += input_ids.numel() * world
+        self.tokens += inputs.numel() * world
         return all_reduce_sum([float(loss_sum)], self.device)[0] if self.dist.enabled else float(loss_sum)
 
     # evaluation ----------------------------------------------------------------------------------------
@@ -299,12 +210,12 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         try:
-            sums = _eval_sums(self.forward, batches, self.device, self.dtype, accuracy, rounds)
+            sums = eval_sums(self.forward, batches, self.device, self.dtype, accuracy, rounds)
         finally:
             self.model.train(was_training)
         if self.dist.enabled:
             sums = all_reduce_sum(sums, self.device)
-        return _result(sums, accuracy)
+        return eval_result(sums, accuracy)
 
     # the loop ------------------------------------------------------------------------------------------
     def fit(self, batch_at: Callable[[int], tuple], until: int, *, max_seconds: Optional[float] = None,
@@ -318,7 +229,8 @@ class Engine:
         the previous row), tokens_per_s, peak_mem_gib on GPU} to ``metrics`` and as a line to ``log`` (a progress bar instead with
         ``progress``). ``evaluate()`` -> row fields runs every ``eval_every`` steps, at the last step and when
         the time is up; ``save()`` every ``save_every`` steps, at the last, when the time is up and on Ctrl-C.
-        ``max_seconds`` ends the loop after the step that passes it.
+        ``max_seconds`` ends the loop after the step that passes it. SIGTERM or SIGUSR1 (preemption) ends it at
+        the next step boundary, every process at the same step, with ``save()``, then raises ``Preempted``.
         """
         main = self.dist.is_main
         bar = None
@@ -329,6 +241,7 @@ class Engine:
         start = time.time()
         window_loss, window_steps, window_t0, window_tokens = 0.0, 0, start, self.tokens
         result = FitResult(step=self.step)
+        previous = self._catch_preemption()
         try:
             while self.step < until:
                 loss = self.train_step(*batch_at(self.step))
@@ -372,6 +285,14 @@ class Engine:
                     result.stopped_early = True
                     log(f"time limit of {max_seconds / 60:.2f} min reached at step {self.step}")
                     break
+                signum = self._preemption_signal()
+                if signum is not None:
+                    if bar is not None:
+                        bar.close()
+                        bar = None
+                    if save is not None:
+                        save()
+                    raise Preempted(signum, self.step)
         except KeyboardInterrupt:
             if save is not None:
                 save()
@@ -380,86 +301,48 @@ class Engine:
         finally:
             if bar is not None:
                 bar.close()
+            self._restore_signals(previous)
         result.step, result.seconds = self.step, time.time() - start
         return result
 
-    # checkpoints ---------------------------------------------------------------------------------------
-    def trainer_state(self) -> dict:
-        """The step, tokens seen, schedule and RNG states (the optimizer is saved with the weights)."""
-        return {"schedule": self.schedule.state_dict(), "step": self.step, "tokens": self.tokens,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    def _catch_preemption(self) -> dict:
+        """Handlers that note SIGTERM / SIGUSR1 for the loop to act on at the next step boundary (only the main
+        thread can install them); returns the handlers they replace."""
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
 
+        def note(signum, frame):
+            self._signal = signum
+
+        return {s: signal.signal(s, note) for s in PREEMPT_SIGNALS}
+
+    @staticmethod
+    def _restore_signals(previous: dict) -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    def _preemption_signal(self) -> Optional[int]:
+        """The preemption signal to stop at now, agreed by every process (the largest one any received)."""
+        signum = self._signal or 0
+        if self.dist.enabled:
+            signum = int(all_reduce_max([float(signum)], self.device)[0])
+        return signum or None
+
+    # checkpoints ---------------------------------------------------------------------------------------
     def save(self, run_dir, tokenizer=None, train_config: Optional[dict] = None, extra: Optional[dict] = None,
              keep: int = 2) -> Optional[Path]:
-        """Checkpoint step ``self.step`` into RUN/ckpt-NNNNNN; returns its directory on the main process.
-
-        One process or DDP: the main process writes model.safetensors and the optimizer into trainer.pt.
-        FSDP: every process (all must call) writes its shards of the model and optimizer with DCP.
-        """
-        state = self.trainer_state()
-        if not self.fsdp:
-            if not self.dist.is_main:
-                return None
-            state["optimizer"] = self.optimizer.state_dict()
-            return save_checkpoint(run_dir, self.step, self.model, tokenizer, train_config, state, extra, keep)
-        tmp = begin_checkpoint(run_dir, self.step, create=self.dist.is_main)
-        barrier()
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / DCP_DIR))
-        path = None
-        if self.dist.is_main:
-            path = finish_checkpoint(run_dir, self.step, tmp, self.model, tokenizer, train_config, state, extra,
-                                     keep, weights="dcp")
-        barrier()
-        return path
+        """Checkpoint step ``self.step`` into RUN/ckpt-NNNNNN (every process calls it); returns its directory on
+        the main process."""
+        return self.checkpointer.save(run_dir, tokenizer, train_config, extra, keep)
 
     def resume(self, ckpt: Path) -> None:
-        """Continue from checkpoint ``ckpt``: weights, optimizer, step, tokens seen, RNG states. Any checkpoint
-        resumes in any set-up: sharded ones on another number of processes or unsharded, whole-model ones
-        into FSDP."""
-        ckpt = Path(ckpt)
-        state = load_trainer_state(ckpt)
-        if (ckpt / DCP_DIR).is_dir():
-            # the state dicts to fill, in this run's layout (get_state_dict first creates the optimizer state)
-            model_state, optim_state = get_state_dict(self.model, self.optimizer)
-            blob = {"model": model_state, "optimizer": optim_state}
-            with warnings.catch_warnings():  # one process without a group: "assuming ... a single process"
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load(blob, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not is_initialized())
-            set_state_dict(self.model, self.optimizer, model_state_dict=blob["model"],
-                           optim_state_dict=blob["optimizer"])
-        elif not self.fsdp:
-            load_weights(self.model, ckpt)
-            try:
-                self.optimizer.load_state_dict(state["optimizer"])
-            except (KeyError, ValueError) as e:
-                raise UserError(f"checkpoint {str(ckpt)!r} is corrupt: the optimizer state in trainer.pt does not fit "
-                                f"the model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        else:  # whole-model checkpoint into shards: every process reads it and keeps its own shards
-            full = StateDictOptions(full_state_dict=True)
-            weights = _full_state_from_safetensors(self.model, ckpt / WEIGHTS_FILE)
-            optim = _optimizer_state_by_name(self.model, self.optimizer, state["optimizer"])
-            set_model_state_dict(self.model, weights, options=full)
-            set_optimizer_state_dict(self.model, self.optimizer, optim, options=full)
-        self.step = int(state["step"])
-        self.tokens = int(state.get("tokens", 0))
-        torch.set_rng_state(state["rng"]["torch"])
-        if torch.cuda.is_available() and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        """Continue from checkpoint ``ckpt``: weights, optimizer, step, tokens seen, RNG states."""
+        self.checkpointer.resume(ckpt)
 
     def unsharded_model(self) -> Optional[nn.Module]:
-        """The bare model for inference on the main process (None on the others): the model itself, or under
-        FSDP a whole copy gathered from the shards (every process must call)."""
-        if not self.fsdp:
-            return self.model if self.dist.is_main else None
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.dist.is_main:
-            return None
-        copy = build_model(arch_of(self.model), self.model.config.to_dict())
-        copy.load_state_dict(full)
-        return copy.to(self.device).eval()
+        """The bare model for inference on the main process (None on the others; every process must call)."""
+        return self.checkpointer.unsharded_model()
 
 
-__all__ = ["Engine", "EngineConfig", "TrainingDiverged", "EvalResult", "FitResult", "evaluate_model", "compile_backend",
-           "IGNORE_INDEX"]
+__all__ = ["Engine", "EngineConfig", "TrainingDiverged", "Preempted", "FitResult", "scored"]

@@ -1,4 +1,4 @@
-"""``openxlstm train``: a language model on a token stream, through the training engine (``engine.py``).
+"""The ``openxlstm train`` application: a language model on a token stream, through the training engine.
 
 A TrainConfig names the data, the model and the budget; ``Trainer`` loads the data, builds the model of
 ``--arch`` / ``--config`` / ``--preset`` (or, with ``--init DIR``, loads the weights of a pretrained model:
@@ -14,218 +14,38 @@ a resumed run, and a run on W processes, follow the same trajectory as one unint
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, fields, replace
+import signal
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
-import numpy as np
 import torch
 
 from ..config import preset as xlstm_preset
 from ..config import xLSTMConfig
-from ..data import BatchSampler, eval_windows, load_data
+from ..data import BatchSampler, load_data
 from ..data.dataset import TOKEN_FILE_SUFFIXES
-from ..data.packing import window_batch
 from ..data.tokenizer import HFTokenizer, load_tokenizer
 from ..errors import UserError
+from ..evaluate import bits_per_byte, lm_batches
 from ..generation import generate
-from ..device import DEVICE_RE
 from ..io import load_pretrained
 from ..io.files import detect_format, write_error, write_text_atomic
 from ..io.hf import TOKENIZER
 from ..io.run import model_description, read_meta, resolve_checkpoint
-from ..models import ARCHS, arch_of, build_model, config_from_dict
-from ..models.lstm import sized_lstm_config
-from ..models.transformer import sized_transformer_config
-from ..models.xlstm_large import xLSTMLargeConfig
+from ..models import ARCHS, arch_of, build_model, config_from_dict, default_config
 from .distributed import (DistInfo, all_reduce_max, barrier, init_distributed, is_initialized, launched_by_torchrun,
                           shutdown)
-from .engine import Engine, EngineConfig
+from .config import TrainConfig
+from .engine import Engine, Preempted
 from .metrics import MetricsLog, plot_losses
 from .rundir import prepare_run_dir
-from .schedule import CosineSchedule
 
 SAMPLE_PROMPTS = ("The ", "def ", "import ")
-BIN_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "int64", "uint64")
-_INF = math.inf
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int_range(lo, hi=None):
-    return (lambda v: _is_int(v) and v >= lo and (hi is None or v <= hi),
-            f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]")
-
-
-def _number(lo, lo_open=False, hi=None, hi_open=False):
-    def ok(v):
-        return (_is_number(v) and (v > lo if lo_open else v >= lo) and
-                (hi is None or (v < hi if hi_open else v <= hi)))
-    if hi is None:
-        return ok, f"a number {'>' if lo_open else '>='} {lo:g}"
-    return ok, f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-
-
-def _optional(check):
-    ok, text = check
-    return (lambda v: v is None or ok(v)), f"{text} (or not given)"
-
-
-def _one_of(*choices):
-    return (lambda v: v in choices), "one of " + ", ".join(str(c) for c in choices)
-
-
-def _text(v) -> bool:
-    return v is None or (isinstance(v, str) and v != "")
-
-
-_BOOL = ((lambda v: isinstance(v, bool)), "true or false")
-# every TrainConfig field: (check, what it allows); the error names the command-line option
-TRAIN_CHECKS = {
-    "arch": _one_of(*ARCHS),
-    "model": ((lambda v: v is None or isinstance(v, dict)), "a JSON object of model config fields"),
-    "preset": (_text, "SIZE[:RATIO], e.g. 125m:7:1"),
-    "size": _optional(_int_range(1)),
-    "init": (_text, "a model directory (transformers, xlstm_large or an openxlstm run)"),
-    "data": (_text, "a text file or folder, or a .bin / .npy token file"),
-    "tokenizer": (_text, "byte, bpe:N or a tokenizer.json path"),
-    "val_fraction": _number(0, True, 1, True),
-    "bin_dtype": _one_of(*BIN_DTYPES),
-    "pack_documents": ((lambda v: v is None or isinstance(v, bool)), "true or false (or not given)"),
-    "out": ((lambda v: isinstance(v, str) and v.strip() != ""), "a directory path"),
-    "max_steps": _int_range(1),
-    "max_time": _optional(_number(0, True)),
-    "stop_at": _optional(_int_range(1)),
-    "batch_size": _int_range(1),
-    "grad_accum": _int_range(1),
-    "seq_len": _int_range(1),
-    "lr": _number(0, True),
-    "min_lr": _optional(_number(0)),
-    "warmup": _int_range(0),
-    "weight_decay": _number(0),
-    "grad_clip": _number(0),
-    "beta2": _number(0, False, 1, True),
-    "seed": _int_range(0, 2**63 - 1),
-    "device": ((lambda v: isinstance(v, str) and DEVICE_RE.match(v) is not None), "auto, cpu, cuda or cuda:N"),
-    "dtype": _one_of("auto", "float32", "bfloat16"),
-    "compile": ((lambda v: isinstance(v, bool) or (isinstance(v, str) and v != "")), "a torch.compile backend"),
-    "activation_checkpointing": _BOOL,
-    "fsdp": _BOOL,
-    "eval_every": _int_range(1),
-    "eval_tokens": _int_range(1),
-    "log_every": _int_range(1),
-    "save_every": _int_range(1),
-    "samples": _int_range(0),
-    "sample_tokens": _int_range(0),
-    "progress": _BOOL,
-    "overwrite": _BOOL,
-}
 
 
 class RunFinished(Exception):
     """A resumed run that has nothing left to do (its checkpoint is at --max-steps or --stop-at)."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; saved in each checkpoint. Defaults are the README's default run: a ~0.5M
-    parameter byte-level xLSTM (4 blocks, sLSTM at block 1) trained for ~6 minutes on 2 CPU cores."""
-
-    arch: str = "xlstm"
-    model: Optional[dict] = None  # the architecture's config fields; None: the default model of `arch`
-    preset: Optional[str] = None  # xLSTM paper preset "SIZE[:RATIO]", e.g. "125m:7:1"
-    size: Optional[int] = None  # baselines: target parameter count (default: the default xLSTM's)
-    init: Optional[str] = None  # fine-tune: the weights (and arch, model config, tokenizer) of this model
-    # directory, read by openxlstm.train.checkpoint.load_pretrained; only a fresh run reads it (a resumed run's
-    # checkpoint holds the weights). arch, model, preset and size must not be given: arch and model are
-    # filled from the directory.
-    data: Optional[str] = None  # None: the embedded default corpus
-    tokenizer: Optional[str] = None  # "byte" (text default), "bpe:N", or a tokenizer.json path
-    val_fraction: float = 0.05
-    bin_dtype: str = "uint16"
-    pack_documents: Optional[bool] = None  # documents with boundaries and end-of-document tokens (None: on for
-    # a folder or the default corpus; see data/packing.py)
-    out: str = "runs/default"
-    max_steps: int = 1200
-    max_time: Optional[float] = None  # minutes; stop early (with a checkpoint) when exceeded
-    stop_at: Optional[int] = None  # stop at this step as if interrupted (the schedule still uses max_steps)
-    batch_size: int = 16  # global: sequences per optimizer step over all processes and micro-batches
-    grad_accum: int = 1
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr: Optional[float] = None  # default lr / 10
-    warmup: int = 60
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    beta2: float = 0.95
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, float32 elsewhere), "float32", "bfloat16"
-    compile: Union[bool, str] = False  # torch.compile: True / "inductor" or another backend name
-    activation_checkpointing: bool = False  # recompute each block in backward (less memory, ~1 more forward)
-    fsdp: bool = False  # shard parameters, gradients and optimizer state over torchrun's processes (FSDP2)
-    eval_every: int = 200
-    eval_tokens: int = 65536
-    log_every: int = 10
-    save_every: int = 400
-    samples: int = 3
-    sample_tokens: int = 160
-    progress: bool = True
-    overwrite: bool = False  # a fresh run may replace the run in ``out`` (a launch option, never inherited)
-
-    def __post_init__(self):
-        """Every field checked against TRAIN_CHECKS: a wrong value is a one-line UserError naming its option."""
-        for f in fields(self):
-            ok, allowed = TRAIN_CHECKS[f.name]
-            value = getattr(self, f.name)
-            if not ok(value):
-                raise UserError(f"--{f.name.replace('_', '-')} must be {allowed}, got {value!r}")
-        if self.min_lr is not None and self.min_lr > self.lr:
-            raise UserError(f"--min-lr {self.min_lr:g} is above --lr {self.lr:g}")
-
-    @property
-    def last_step(self) -> int:
-        """The step this launch trains to: --max-steps, or --stop-at when that comes first."""
-        return self.max_steps if self.stop_at is None else min(self.max_steps, self.stop_at)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(weight_decay=self.weight_decay, betas=(0.9, self.beta2), grad_clip=self.grad_clip,
-                            grad_accum=self.grad_accum, device=self.device, dtype=self.dtype, compile=self.compile,
-                            activation_checkpointing=self.activation_checkpointing, fsdp=self.fsdp)
-
-    def schedule(self) -> CosineSchedule:
-        return CosineSchedule(self.lr, self.min_lr if self.min_lr is not None else self.lr / 10, self.warmup,
-                              self.max_steps)
-
-
-def default_model_config(arch: str, vocab_size: int, seq_len: int, size: Optional[int] = None) -> dict:
-    """The default model of each architecture; the baselines are sized to the default xLSTM's parameters,
-    "xlstm-large" is a small model of xLSTM-7B's architecture (4 blocks of width 128)."""
-    xl = xLSTMConfig(vocab_size=vocab_size, embedding_dim=128, num_blocks=4, slstm_at=[1], mlstm_num_heads=4,
-                     slstm_num_heads=4, context_length=seq_len)
-    if arch == "xlstm":
-        return xl.to_dict()
-    if arch == "xlstm-large":
-        if size is not None:
-            raise UserError("--size sizes the lstm and transformer baselines; give an xlstm-large model with "
-                            "--config (hidden_size, num_hidden_layers, num_heads, ...)")
-        return xLSTMLargeConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_heads=4).to_dict()
-    target = size or ARCHS["xlstm"][1](xl).num_params()
-    if arch == "lstm":
-        return sized_lstm_config(target, vocab_size, num_layers=2, context_length=seq_len).to_dict()
-    return sized_transformer_config(target, vocab_size, num_layers=4, head_dim=32, context_length=seq_len).to_dict()
 
 
 def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> dict:
@@ -247,22 +67,8 @@ def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> dict:
                             f"vocabulary of {vocab_size}")
         model["vocab_size"] = vocab_size
     else:
-        model = default_model_config(cfg.arch, vocab_size, cfg.seq_len, cfg.size)
+        model = default_config(cfg.arch, vocab_size, cfg.seq_len, cfg.size)
     return config_from_dict(cfg.arch, model).to_dict()
-
-
-def lm_batches(tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int,
-               dist_info: DistInfo = DistInfo(), doc_starts: Optional[np.ndarray] = None) -> list[tuple]:
-    """This process's share of the evaluation windows of ``tokens`` (non-overlapping, at most ``max_tokens``
-    targets, spread evenly), as (input_ids, labels) batches, each (b, S): labels are the next tokens; with
-    the document starts of packed tokens (input_ids, labels, cu_seqlens) (``data.packing.window_batch``)."""
-    starts = eval_windows(len(tokens), seq_len, max_tokens)[dist_info.rank::dist_info.world_size]
-    return [window_batch(tokens, starts[i:i + batch_size], seq_len, doc_starts)
-            for i in range(0, len(starts), batch_size)]
-
-
-def bits_per_byte(loss: float, bytes_per_token: Optional[float]) -> Optional[float]:
-    return None if not bytes_per_token else loss / math.log(2) / bytes_per_token
 
 
 class Trainer:
@@ -288,10 +94,13 @@ class Trainer:
         if meta is None and cfg.init is not None:
             check_init(cfg)
         if meta is not None and int(meta.get("step") or 0) >= cfg.last_step:  # before anything is written
-            limit = (f"--stop-at {cfg.stop_at}" if cfg.stop_at is not None and cfg.stop_at < cfg.max_steps
-                     else f"--max-steps {cfg.max_steps}")
+            if cfg.stop_at is not None and cfg.stop_at < cfg.max_steps:
+                limit, further = (f"--stop-at {cfg.stop_at}", f"raise --stop-at, or leave it out to train to "
+                                                              f"--max-steps {cfg.max_steps}")
+            else:
+                limit, further = f"--max-steps {cfg.max_steps}", "raise --max-steps to train further"
             raise RunFinished(f"{ckpt} is at step {meta.get('step')}, {limit} reached: nothing to do, nothing "
-                              f"changed (raise --max-steps to train further)")
+                              f"changed ({further})")
         self._prepare_out(ckpt)
         try:
             self._build(cfg, ckpt, meta)
@@ -457,7 +266,7 @@ class Trainer:
     def validate(self) -> tuple[float, Optional[float]]:
         """(validation loss, bits per byte or None) on ``eval_tokens`` held-out tokens."""
         batches = lm_batches(self.data.val, self.cfg.seq_len, self.cfg.eval_tokens, max(16, self.micro_batch),
-                             self.dist, self.data.val_starts)
+                             self.dist.rank, self.dist.world_size, self.data.val_starts)
         loss = self.engine.evaluate(batches).loss
         return loss, bits_per_byte(loss, self.data.bytes_per_token)
 
@@ -491,6 +300,10 @@ class Trainer:
                                   progress=cfg.progress)
         except KeyboardInterrupt:
             self.log(f"\ninterrupted at step {self.step}; checkpoint saved in {self.out} (continue with --resume)")
+            raise
+        except Preempted as e:
+            self.log(f"\n{signal.Signals(e.signum).name} at step {self.step}: checkpoint saved in {self.out} (continue "
+                     f"with --resume)")
             raise
         barrier()
         last = run.eval or {}
@@ -565,6 +378,4 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, log=None) -> dict:
     return result
 
 
-__all__ = ["TrainConfig", "Trainer", "train", "check_init", "RunFinished", "TRAIN_CHECKS", "BIN_DTYPES", "lm_batches",
-           "bits_per_byte", "default_model_config",
-           "resolve_model_config"]
+__all__ = ["Trainer", "train", "check_init", "RunFinished", "resolve_model_config"]
