@@ -34,6 +34,7 @@ from .experiments import cli as experiments_cli
 from .generation import generate
 from .models import ARCHS
 from .device import DEVICE_RE, resolve_device
+from .integrations.lm_eval_cli import add_harness_arguments, run_harness
 from .io import load_pretrained
 from .io.run import read_meta, resolve_checkpoint
 from .train import Preempted, TrainConfig, train
@@ -142,7 +143,8 @@ def _gen_parser(sub) -> None:
 
 
 def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="validation loss / perplexity at several context lengths")
+    p = sub.add_parser("eval", help="validation loss / perplexity at several context lengths, or "
+                                    "lm-evaluation-harness tasks with --tasks")
     _model_args(p)
     p.add_argument("--data", default=None,
                    help="text or token data (default: the checkpoint's training data; for a pretrained model "
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _gen_parser(sub)
     _eval_parser(sub)
+    add_harness_arguments(sub.choices["eval"])
     _plot_parser(sub)
     experiments_cli.add_parser(sub)
     return parser
@@ -321,6 +324,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.tasks is not None:
+        return run_harness(args)
     try:
         contexts = [int(c) for c in args.context.split(",") if c.strip()]
     except ValueError:

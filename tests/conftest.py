@@ -75,7 +75,7 @@ def pytest_runtest_logreport(report):
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    """A small folder of text documents (helpers_train.write_corpus), shared read-only by the tests."""
-    from helpers_train import write_corpus
+    """A small folder of text documents (helpers.write_corpus), shared read-only by the tests."""
+    from helpers import write_corpus
 
     return write_corpus(tmp_path_factory.mktemp("corpus"))

@@ -315,9 +315,29 @@ def load_model(path, device="cpu"):
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     model = build_model(meta["arch"], meta["model"])
+    stored = _stored_dtype(ckpt)
+    if stored is not None and stored != torch.float32:
+        model.to(stored)
     load_weights(model, ckpt)
     meta["path"] = str(ckpt)
     return model.to(device).eval(), checkpoint_tokenizer(meta, ckpt), meta
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _stored_dtype(ckpt: Path) -> Optional[torch.dtype]:
+    """The floating dtype of a checkpoint's safetensors weights (None for sharded or unreadable weights: the
+    load reports the problem)."""
+    try:
+        with safe_open(str(ckpt / WEIGHTS_FILE), framework="pt") as f:
+            for name in f.keys():
+                dtype = _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
+                if dtype is not None:
+                    return dtype
+    except Exception:  # noqa: BLE001 - a missing or corrupt file is load_weights' one-line error
+        return None
+    return None
 
 
 def checkpoint_tokenizer(meta: dict, ckpt: Path):

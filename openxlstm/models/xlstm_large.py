@@ -271,7 +271,8 @@ class xLSTMLargeBackbone(nn.Module):
 
 def soft_capped_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cap: Optional[float],
                               chunk_rows: Optional[int] = None) -> torch.Tensor:
-    """Mean cross-entropy of ``soft_cap(h @ weight.T, cap)`` (float32 logits) against ``labels`` (-100 ignored).
+    """Mean cross-entropy of ``soft_cap(h @ weight.T, cap)`` (float32 logits, float64 for a float64 model)
+    against ``labels`` (-100 ignored).
 
     Without a cap this is ``ops.cross_entropy.linear_cross_entropy``. With one, the rows go in chunks, each
     under activation checkpointing: a chunk's (n, V) logits exist only while that chunk's loss, or later its
@@ -282,7 +283,7 @@ def soft_capped_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: tor
     h2, lab = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
     chunk = chunk_rows or max(1, (1 << 25) // weight.shape[0])  # about 2**25 logits (128 MB float32) a chunk
     keep_graph = torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad)
-    total = h2.new_zeros((), dtype=torch.float32)
+    total = h2.new_zeros((), dtype=torch.promote_types(h2.dtype, torch.float32))
     for s in range(0, h2.shape[0], chunk):
         args = (h2[s:s + chunk], weight, lab[s:s + chunk], cap)
         total = total + (torch.utils.checkpoint.checkpoint(_chunk_loss_sum, *args, use_reentrant=False)
@@ -291,7 +292,8 @@ def soft_capped_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: tor
 
 
 def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cap: float) -> torch.Tensor:
-    logits = soft_cap(F.linear(h, weight).float(), cap)  # (n, V)
+    logits = F.linear(h, weight)
+    logits = soft_cap(logits.to(torch.promote_types(logits.dtype, torch.float32)), cap)  # (n, V), float32 or more
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 

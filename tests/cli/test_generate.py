@@ -4,7 +4,7 @@ different lengths equal to a plain per-row loop (greedy and sampled), stop, stre
 import pytest
 import torch
 
-from helpers_train import TINY
+from helpers import TINY, tiny_model
 from openxlstm.data import ByteTokenizer
 from openxlstm.errors import UserError
 from openxlstm.generation import generate, sample_next
@@ -12,8 +12,7 @@ from openxlstm.models import build_model
 
 
 def tiny(arch, seed=0):
-    torch.manual_seed(seed)
-    return build_model(arch, {**TINY[arch], "vocab_size": 256}).eval()
+    return tiny_model(arch, seed, vocab_size=256)
 
 
 RAGGED = [[72, 101, 108, 108, 111, 32, 119], [100, 101, 102], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [7, 7, 7, 7]]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from helpers_train import TINY
+from helpers import TINY
 from openxlstm import xLSTMConfig, xLSTMLM
 from openxlstm.data import (BatchSampler, ByteTokenizer, load_data, load_tokenizer, pack_documents, packed_labels,
                             pad_pack, train_bpe, window_batch)

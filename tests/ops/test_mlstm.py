@@ -106,7 +106,6 @@ def test_extreme_gates_long_sequence_finite(dtype):
     (h.float().square().sum() + C.sum()).backward()
     for t in (h, q.grad, k.grad, v.grad, i.grad, f.grad):
         assert torch.isfinite(t.float()).all()
-    assert M_FLOOR < 0
 
 
 def test_low_precision_matches_float64():

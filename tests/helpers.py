@@ -1,13 +1,26 @@
-"""Shared helpers of the training, generation and CLI tests: a small text corpus, tiny model configs, and the
-check of a one-line command-line error."""
+"""Shared helpers of the tests: the one tiny-model factory (every registered architecture), a small text
+corpus, the arguments of a tiny training run, and the check of a one-line command-line error."""
 
 import json
 
-TINY = {
+import torch
+
+from openxlstm.models import ARCHS, build_model
+
+TINY = {  # every registered architecture at a size that runs in milliseconds
     "xlstm": {"embedding_dim": 32, "num_blocks": 2, "slstm_at": [1], "mlstm_num_heads": 2, "slstm_num_heads": 2},
-    "lstm": {"embedding_dim": 32, "num_layers": 2},
+    "xlstm-large": {"hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2},
     "transformer": {"embedding_dim": 32, "num_layers": 2, "num_heads": 2},
+    "lstm": {"embedding_dim": 32, "num_layers": 2},
+    "reslstm": {"embedding_dim": 32, "num_blocks": 2},
 }
+assert set(TINY) == set(ARCHS), "a newly registered architecture needs its tiny config here"
+
+
+def tiny_model(arch: str, seed: int = 0, vocab_size: int = 64, **overrides):
+    """A freshly initialized tiny model of ``arch`` (seeded), in eval mode."""
+    torch.manual_seed(seed)
+    return build_model(arch, {**TINY[arch], "vocab_size": vocab_size, **overrides}).eval()
 
 
 def write_corpus(path, n_docs: int = 12):

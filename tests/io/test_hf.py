@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from conftest import rel_err
-from helpers_train import one_line_error
+from helpers import one_line_error
 from safetensors.torch import save_file
 
 import openxlstm
@@ -461,7 +461,7 @@ def test_cli_train_init_errors(hf_dir, id_file, tmp_path, capsys):
 def test_cli_train_xlstm_large_from_scratch_then_init_from_the_run(tmp_path, capsys):
     """--arch xlstm-large trains from scratch like the other architectures (here on packed byte documents);
     --init of that run takes its architecture, model config, weights and byte tokenizer."""
-    from helpers_train import write_corpus
+    from helpers import write_corpus
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=4)
     small = json.dumps({"hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2})

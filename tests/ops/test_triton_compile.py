@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # a compiler subprocess: tens of seconds
+
 SCRIPT = r'''
 import os
 os.environ.pop("TRITON_INTERPRET", None)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 from conftest import rel_err
-from helpers_train import TINY
+from helpers import TINY, tiny_model
 from torch._dynamo.backends.registry import lookup_backend
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
@@ -24,8 +24,7 @@ PROMPTS = [[72, 101, 108, 108, 111], [100, 101], [1, 2, 3, 4, 5, 6, 7, 8]]
 
 
 def tiny(arch, seed=0):
-    torch.manual_seed(seed)
-    return build_model(arch, {**TINY[arch], "vocab_size": 256}).eval()
+    return tiny_model(arch, seed, vocab_size=256)
 
 
 @pytest.mark.parametrize("forget_gate", ["sigmoid", "exp"])

@@ -11,6 +11,8 @@ import openxlstm
 from conftest import rel_err
 from openxlstm.large import xLSTMLargeConfig, xLSTMLargeLM
 
+pytestmark = pytest.mark.slow  # subprocesses or compilation: tens of seconds
+
 
 def _models():
     torch.manual_seed(0)

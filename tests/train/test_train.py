@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import rel_err
-from helpers_train import TINY, tiny_args
+from helpers import TINY, tiny_args, tiny_model
 from openxlstm.cli import main
 from openxlstm.data import BatchSampler
 from openxlstm.errors import UserError
@@ -54,6 +54,7 @@ def test_grad_accumulation_matches_one_batch(corpus, tmp_path):
     assert all(rel_err(a[k], b[k]) < 1e-4 for k in a)  # Adam turns float noise on tiny gradients into lr-sized steps
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one(corpus, tmp_path):
     """torchrun with 2 gloo processes and the same global batch reaches the weights of one process."""
     args = tiny_args("xlstm", corpus, tmp_path / "ddp", steps=3)
@@ -127,8 +128,7 @@ def test_schedule_warmup_and_cosine():
 
 
 def tiny_engine(arch, seed=0, **config):
-    torch.manual_seed(seed)
-    model = build_model(arch, {**TINY[arch], "vocab_size": 64})
+    model = tiny_model(arch, seed).train()
     return Engine(model, CosineSchedule(lr=1e-2, min_lr=1e-3, warmup_steps=1, max_steps=4),
                   EngineConfig(device="cpu", **config))
 

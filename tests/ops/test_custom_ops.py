@@ -10,6 +10,8 @@ import openxlstm.ops.mlstm.triton_step  # noqa: F401  (openxlstm::mlstm_step)
 import openxlstm.ops.slstm.fused  # noqa: F401  (openxlstm::slstm_fused_*)
 import openxlstm.ops.slstm.triton  # noqa: F401  (openxlstm::slstm_triton_*)
 
+pytestmark = pytest.mark.slow  # subprocesses or compilation: tens of seconds
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 g = torch.Generator().manual_seed(0)
 

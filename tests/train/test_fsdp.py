@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from conftest import rel_err
-from helpers_train import tiny_args
+from helpers import tiny_args
 from openxlstm.cli import main
 from openxlstm.train import load_model
+
+pytestmark = pytest.mark.slow  # subprocesses or compilation: tens of seconds
 
 STEPS = 4
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers_train import TINY, tiny_args
+from helpers import TINY, tiny_args
 from openxlstm.cli import main
 
 
