@@ -58,7 +58,7 @@ def add_harness_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output-path", "--output_path", dest="output_path", default=None, metavar="F",
                    help="write the results as JSON to the file F (default: print the table only)")
     g.add_argument("--log-samples", "--log_samples", dest="log_samples", action="store_true",
-                   help="with --output-path, also write every request and the model's answers")
+                   help="with --output-path, also write every request and the model's answers (default: off)")
     g.add_argument("--model-args", "--model_args", dest="model_args", default=None, metavar="K=V,...",
                    help="more arguments of the openxlstm lm-eval model, e.g. max_length=4096,max_gen_toks=128,"
                         "mlstm_backend=chunkwise (default: none)")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import xLSTMConfig
+from ..ops.conv import causal_conv1d_step
 from ..ops.slstm import slstm
 from ..ops.slstm.recurrent import slstm_decode
 from ..ops.backends import Backends
@@ -78,10 +79,14 @@ class sLSTMLayer(nn.Module):
                 torch.zeros(batch_size, self.conv.kernel_size - 1, E, device=device, dtype=self.bias.dtype))
         return sLSTMLayerState(conv, *(torch.zeros(batch_size, E, device=device, dtype=torch.float32) for _ in range(4)))
 
-    def _preact(self, x: torch.Tensor, conv_state, cu_seqlens=None):
-        """x (B, S, E) -> (gate pre-activations (B, S, 4E) in the order [i | f | z | o], new conv state)."""
+    def _preact(self, x: torch.Tensor, conv_state, cu_seqlens=None, step: bool = False):
+        """x (B, S, E) -> (gate pre-activations (B, S, 4E) in the order [i | f | z | o], new conv state);
+        ``step``: one token per row, without autograd (the conv's step)."""
         if self.conv is not None:
-            x_c, conv_state = self.conv(x, conv_state, cu_seqlens)
+            if step:
+                x_c, conv_state = causal_conv1d_step(x, self.conv.weight, self.conv.bias, conv_state)
+            else:
+                x_c, conv_state = self.conv(x, conv_state, cu_seqlens)
             x_c = F.silu(x_c)
         else:
             x_c = x
@@ -104,7 +109,7 @@ class sLSTMLayer(nn.Module):
         """One token per sequence: x (B, 1, E) -> (y (B, 1, E), new state), the cell's step in plain PyTorch
         (same maths as every backend, a fraction of the ops of a sequence kernel)."""
         B = x.shape[0]
-        pre, conv_state = self._preact(x, None if state is None else state.conv)
+        pre, conv_state = self._preact(x, None if state is None else state.conv, step=not torch.is_grad_enabled())
         cell_state = None if state is None else (state.h, state.c, state.n, state.m)
         h, cell = slstm_decode(pre[:, 0], self.recurrent, self.bias, cell_state,
                                forget_gate=self.config.slstm_forget_gate)

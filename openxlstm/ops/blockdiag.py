@@ -15,8 +15,19 @@ import torch
 def block_diagonal_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ blockdiag(weight)^T (+ bias): x (..., nb * bs_in), weight (nb, bs_out, bs_in) -> (..., nb * bs_out).
     Under autocast both are cast to the autocast dtype; otherwise the weight takes x's dtype."""
-    y = _BlockDiagonal.apply(x, weight)
+    if not torch.is_grad_enabled():  # inference: the product alone, without the autograd Function around it
+        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            weight = weight.to(x.dtype)
+        y = _product(x, weight)
+    else:
+        y = _BlockDiagonal.apply(x, weight)
     return y if bias is None else y + bias
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., nb * bs_in) times blockdiag(weight)^T -> (..., nb * bs_out)."""
+    nb = weight.shape[0]
+    return torch.einsum("...hi,hoi->...ho", x.reshape(*x.shape[:-1], nb, -1), weight).reshape(*x.shape[:-1], -1)
 
 
 class _BlockDiagonal(torch.autograd.Function):
@@ -28,10 +39,8 @@ class _BlockDiagonal(torch.autograd.Function):
         elif weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
         ctx.save_for_backward(x, weight)
-        nb = weight.shape[0]
         with torch.autocast(x.device.type, enabled=False):
-            y = torch.einsum("...hi,hoi->...ho", x.reshape(*x.shape[:-1], nb, -1), weight)
-        return y.reshape(*x.shape[:-1], -1)
+            return _product(x, weight)
 
     @staticmethod
     def backward(ctx, dy):

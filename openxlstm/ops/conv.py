@@ -66,4 +66,18 @@ def causal_conv1d(
     return y, window.clone()
 
 
-__all__ = ["causal_conv1d"]
+def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per sequence (generation, no autograd needed): x (B, 1, F), state (B, K-1, F) or None ->
+    (y (B, 1, F), new window (B, K-1, F)), equal to ``causal_conv1d(x, ..., return_state=True)``."""
+    B, _, Fdim = x.shape
+    K = weight.shape[1]
+    if state is None:
+        state = x.new_zeros(B, K - 1, Fdim)
+    window = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K, F)
+    y = F.conv1d(window.transpose(1, 2), weight.to(x.dtype)[:, None, :], None if bias is None else bias.to(x.dtype),
+                 groups=Fdim)  # (B, F, 1)
+    return y.transpose(1, 2), window[:, 1:]
+
+
+__all__ = ["causal_conv1d", "causal_conv1d_step"]

@@ -5,6 +5,8 @@ import torch
 from conftest import rel_err
 
 from openxlstm.ops import mlstm, mlstm_decode
+from openxlstm.ops.mlstm.recurrent import mlstm_step, mlstm_step_inference
+from openxlstm.ops.mlstm.common import mLSTMState
 from openxlstm.ops.mlstm import M_FLOOR
 
 FORMS = ("recurrent", "parallel", "chunkwise")
@@ -134,6 +136,30 @@ def test_decode_step_equals_recurrent():
     assert rel_err(h1, h[:, :, 0]) <= 1e-14
     for a, b in zip(st1, st):
         assert rel_err(a, b) <= 1e-14
+
+
+@pytest.mark.parametrize("gates", ["moderate", "extreme"])
+def test_inference_step_equals_the_autograd_step(gates):
+    """The generation step without autograd (in-place, rescaled normalizer) against ``mlstm_step``: gates up to
+    +-60, stabilizers below the floor (m down to -80), hard resets (f = -inf); float64."""
+    g = torch.Generator().manual_seed(3)
+    B, NH, dqk, dv = 4, 3, 8, 5
+    q, k = torch.randn(B, NH, dqk, generator=g, dtype=torch.float64), torch.randn(B, NH, dqk, generator=g, dtype=torch.float64)
+    v = torch.randn(B, NH, dv, generator=g, dtype=torch.float64)
+    scale = 3.0 if gates == "moderate" else 60.0
+    i, f = (torch.randn(B, NH, generator=g, dtype=torch.float64) * scale for _ in range(2))
+    state = mLSTMState(torch.randn(B, NH, dqk, dv, generator=g, dtype=torch.float64),
+                       torch.randn(B, NH, dqk, generator=g, dtype=torch.float64),
+                       torch.randn(B, NH, generator=g, dtype=torch.float64) * (40.0 if gates == "extreme" else 2.0))
+    if gates == "extreme":
+        f[0, 0] = float("-inf")
+        state.m[1] = -80.0
+    h, new = mlstm_step(q, k, v, i, f, state)
+    with torch.no_grad():
+        h2, new2 = mlstm_step_inference(q, k, v, i, f, state)
+    assert rel_err(h2, h) <= 1e-13
+    for a, b in zip(new2, new):
+        assert rel_err(a, b) <= 1e-13
 
 
 def test_matches_reference_package():

@@ -18,7 +18,7 @@ from .chunkwise import mlstm_chunkwise
 from .common import (M_FLOOR, attach_state_gradient, check_inputs, initial_state, mLSTMState, state_stabilizer,
                      state_with_m_gradient)
 from .parallel import mlstm_parallel
-from .recurrent import mlstm_recurrent, mlstm_step
+from .recurrent import mlstm_recurrent, mlstm_step, mlstm_step_inference
 
 BACKENDS = MLSTM_BACKENDS
 CHUNKWISE_DEFAULT = 64  # chunk of the PyTorch chunkwise form (the Triton kernels default to 256)
@@ -172,7 +172,8 @@ def mlstm_decode(
         h, new = mlstm_step_triton(q, k, v, i, f, state, eps=eps)
     else:
         st = initial_state(state, B, NH, dqk, v.shape[-1], state_dtype(q.dtype), q.device)
-        h, new = mlstm_step(q, k, v, i, f, st, eps=eps)
+        step = mlstm_step if torch.is_grad_enabled() else mlstm_step_inference
+        h, new = step(q, k, v, i, f, st, eps=eps)
     return h.to(v.dtype), mLSTMState(*new)
 
 

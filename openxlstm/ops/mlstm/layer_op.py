@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..backends import resolve_backend
 from ..blockdiag import block_diagonal_linear
-from ..conv import causal_conv1d
+from ..conv import causal_conv1d, causal_conv1d_step
 from ..varlen import doc_starts
 from . import mlstm, mlstm_backward, mlstm_decode, mlstm_forward_saving
 from .common import state_stabilizer
@@ -60,11 +60,15 @@ class mLSTMCoreWeights(NamedTuple):
 
 
 def qkv_gates(xz: torch.Tensor, w: mLSTMCoreWeights, num_heads: int, conv_state: Optional[torch.Tensor],
-              cu_seqlens: Optional[torch.Tensor] = None):
-    """xz (B, S, 2I) -> q, k, v (B, NH, S, I/NH) (views), i, f (B, NH, S), x_c, z (B, S, I), new conv state."""
+              cu_seqlens: Optional[torch.Tensor] = None, step: bool = False):
+    """xz (B, S, 2I) -> q, k, v (B, NH, S, I/NH) (views), i, f (B, NH, S), x_c, z (B, S, I), new conv state;
+    ``step``: one token per row, without autograd (the conv's step)."""
     B, S, _ = xz.shape
     x_m, z = xz.chunk(2, dim=-1)
-    if w.conv_weight is not None:
+    if w.conv_weight is not None and step:
+        x_c, conv_state = causal_conv1d_step(x_m, w.conv_weight, w.conv_bias, conv_state)
+        x_c = F.silu(x_c)
+    elif w.conv_weight is not None:
         x_c, conv_state = causal_conv1d(x_m, w.conv_weight, w.conv_bias, conv_state, return_state=True,
                                         cu_seqlens=cu_seqlens)
         x_c = F.silu(x_c)
@@ -115,7 +119,8 @@ def mlstm_layer_step(xz: torch.Tensor, w: mLSTMCoreWeights, state: Optional[mLST
                      norm_eps: float, backend: str = "auto") -> tuple[torch.Tensor, mLSTMLayerState]:
     """One token per sequence: xz (B, 1, 2I) -> (a (B, 1, I), new state), with the cell's fused step."""
     B = xz.shape[0]
-    q, k, v, i, f, x_c, z, conv_state = qkv_gates(xz, w, num_heads, None if state is None else state.conv)
+    q, k, v, i, f, x_c, z, conv_state = qkv_gates(xz, w, num_heads, None if state is None else state.conv,
+                                                  step=not torch.is_grad_enabled())
     h, cell = mlstm_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], f[..., 0],
                            None if state is None else (state.C, state.n, state.m), backend=backend)
     return core_output(h.view(B, num_heads, 1, -1), x_c, z, w, norm_eps), mLSTMLayerState(conv_state, *cell)

@@ -45,6 +45,31 @@ def mlstm_step(
     return num / den[..., None], mLSTMState(C_new, n_new, m_new)
 
 
+def mlstm_step_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+                         state: mLSTMState, eps: float = 1e-6) -> tuple[torch.Tensor, mLSTMState]:
+    """``mlstm_step`` for generation, without autograd, in fewer ops: the same maths, intermediate results
+    updated in place (none of them is a caller's tensor), the output normalized without the separate
+    rescaling of numerator and denominator. Shapes and dtypes as ``mlstm_step``."""
+    C, n, m = state
+    dt = C.dtype
+    if not (q.dtype == k.dtype == v.dtype == i.dtype == f.dtype == dt):
+        q, k, v, i, f = q.to(dt), k.to(dt), v.to(dt), i.to(dt), f.to(dt)
+    a = F.logsigmoid(f).add_(m)  # (B, NH): log f + m_{t-1}
+    m_new = torch.maximum(a, i)
+    ik = k * (i - m_new).exp_()[..., None]  # (B, NH, d_qk): i' k
+    fa = (a - m_new).exp_()  # f', <= 1
+    C_new = torch.addcmul(C * fa[..., None, None], ik[..., :, None], v[..., None, :])
+    n_new = torch.addcmul(ik, n, fa[..., None])
+    # h = (q.C) s / (max(|q.n| s, exp(-m_hat)) + eps) with s = exp(m - m_hat): divided through by s, the floor
+    # becomes exp(-m) and eps becomes eps / s
+    q = q * (q.shape[-1] ** -0.5)
+    num = torch.matmul(q[..., None, :], C_new).squeeze(-2)  # (B, NH, d_v)
+    qn = torch.linalg.vecdot(q, n_new).abs_()  # (B, NH)
+    inv_s = (m_new.clamp(min=M_FLOOR) - m_new).exp_()  # 1 / s >= 1
+    den = torch.maximum(qn, m_new.neg().exp_()).add_(inv_s.mul_(eps))
+    return num.div_(den[..., None]), mLSTMState(C_new, n_new, m_new)
+
+
 def mlstm_recurrent(q, k, v, i, f, state: mLSTMState, eps: float = 1e-6,
                     starts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, mLSTMState]:
     """Run ``mlstm_step`` over the sequence. Shapes as in ``openxlstm.ops.mlstm``; h in the state dtype.
@@ -62,4 +87,4 @@ def mlstm_recurrent(q, k, v, i, f, state: mLSTMState, eps: float = 1e-6,
     return torch.stack(hs, dim=2), state
 
 
-__all__ = ["mlstm_step", "mlstm_recurrent"]
+__all__ = ["mlstm_step", "mlstm_step_inference", "mlstm_recurrent"]
