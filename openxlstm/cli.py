@@ -31,8 +31,9 @@ from .data.dataset import TOKEN_FILE_SUFFIXES
 from .errors import UserError
 from .evaluate import evaluate_contexts, format_table
 from .experiments import cli as experiments_cli
+from .forecasting import cli as forecasting_cli
 from .generation import generate
-from .models import ARCHS
+from .models import LanguageModel
 from .device import DEVICE_RE, resolve_device
 from .integrations.lm_eval_cli import add_harness_arguments, run_harness
 from .io import load_pretrained
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_harness_arguments(sub.choices["eval"])
     _plot_parser(sub)
     experiments_cli.add_parser(sub)
+    forecasting_cli.add_parser(sub)
     return parser
 
 
@@ -251,7 +253,11 @@ def _load(args):
     if args.checkpoint is not None and not Path(path).expanduser().exists():
         raise UserError(f"checkpoint {path!r} does not exist")
     dtype = None if args.dtype == "auto" else args.dtype
-    return load_pretrained(path, dtype=dtype, device=resolve_device(args.device))
+    model, tokenizer, info = load_pretrained(path, dtype=dtype, device=resolve_device(args.device))
+    if not isinstance(model, LanguageModel):
+        raise UserError(f"{path!r} holds a {info.get('arch', type(model).__name__)} forecaster, not a language "
+                        f"model: use openxlstm forecast --model {path}")
+    return model, tokenizer, info
 
 
 def _no_tokenizer(info: dict) -> str:
@@ -388,7 +394,7 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot,
-            "experiment": experiments_cli.run}
+            "experiment": experiments_cli.run, "forecast": forecasting_cli.run, "forecast-train": forecasting_cli.run}
 
 
 def main(argv=None) -> int:

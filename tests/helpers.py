@@ -5,16 +5,16 @@ import json
 
 import torch
 
-from openxlstm.models import ARCHS, build_model
+from openxlstm.models import LANGUAGE_MODELS, build_model
 
-TINY = {  # every registered architecture at a size that runs in milliseconds
+TINY = {  # every registered language model at a size that runs in milliseconds
     "xlstm": {"embedding_dim": 32, "num_blocks": 2, "slstm_at": [1], "mlstm_num_heads": 2, "slstm_num_heads": 2},
     "xlstm-large": {"hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2},
     "transformer": {"embedding_dim": 32, "num_layers": 2, "num_heads": 2},
     "lstm": {"embedding_dim": 32, "num_layers": 2},
     "reslstm": {"embedding_dim": 32, "num_blocks": 2},
 }
-assert set(TINY) == set(ARCHS), "a newly registered architecture needs its tiny config here"
+assert set(TINY) == set(LANGUAGE_MODELS), "a newly registered language model needs its tiny config here"
 
 
 def tiny_model(arch: str, seed: int = 0, vocab_size: int = 64, **overrides):

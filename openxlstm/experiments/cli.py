@@ -24,6 +24,7 @@ from ..device import autocast_dtype, resolve_device
 from ..errors import UserError
 from ..options import add_options, arg_type, given_options, int_range, number
 from ..train.config import TrainConfig
+from . import forecasting as forecasting_experiment
 from . import lra, scaling, speed
 from .ablation import LADDER, run_ablation
 from .zoo import PAPER_MODELS, SLSTM_INITS, canonical_name
@@ -147,6 +148,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_run_options(a)
 
     _add_lra_speed_scaling(sub)
+    forecasting_experiment.add_parser(sub)
 
     r = sub.add_parser("report", help="rewrite results.md and heatmap.png from a grid's results.csv")
     r.add_argument("--out", required=True, help="the grid's output folder (required, no default)")
@@ -249,6 +251,8 @@ def _run_lra_speed_scaling(args) -> int:
 def run(args) -> int:
     """Run the parsed ``experiment`` command; bad input raises UserError."""
     try:
+        if args.experiment == "forecasting":
+            return forecasting_experiment.run(args)
         if args.experiment == "report":
             return 0 if write_report(args.out, aggregate=args.aggregate) is not None else 1
         if args.experiment in ("lra", "speed", "scaling"):

@@ -3,6 +3,7 @@
     run.py       our run and checkpoint directories (``openxlstm train``) and saved models
     hf.py        transformers' ``xLSTMForCausalLM`` directories (xLSTM-7B) and the authors' ``xlstm_large``
     official.py  the authors' ``xlstm`` package: its configs and state dicts, both ways
+    tirex.py     TiRex's Lightning checkpoints (``model.ckpt``)
     files.py     atomic writes, directory swaps, format detection
 
 ``from_pretrained(path)`` takes any of the directories and returns the model in eval mode with its tokenizer
@@ -20,14 +21,19 @@ from .files import detect_format, local_dir
 from .hf import load_hf
 from .official import load_official, save_official
 from .run import load_model, save_model_dir
+from .tirex import is_tirex_checkpoint, load_tirex_checkpoint
 
 
 def load_pretrained(path, dtype=None, device=None):
     """(model in eval mode, tokenizer or None, info) from any local model directory: an openxlstm run,
-    checkpoint or saved model, a transformers ``xLSTMForCausalLM`` directory (xLSTM-7B) or the authors'
-    ``xlstm_large`` layout. ``dtype``: torch.dtype or name, None keeps the checkpoint's; ``device``: default
+    checkpoint or saved model, a transformers ``xLSTMForCausalLM`` directory (xLSTM-7B), the authors'
+    ``xlstm_large`` layout, or TiRex's ``model.ckpt`` (the file or its directory). ``dtype``: torch.dtype or name, None keeps the checkpoint's; ``device``: default
     the CPU. info: the run's meta for ours, else {"source", "arch", "path", "step": None, "train": {}}; always
-    with "source" ("openxlstm", "transformers" or "xlstm_large"). The tokenizer is also ``model.tokenizer``."""
+    with "source" ("openxlstm", "transformers", "xlstm_large" or "tirex"). The tokenizer is also ``model.tokenizer``."""
+    if is_tirex_checkpoint(path):
+        model = load_tirex_checkpoint(path, device=resolve_device("cpu" if device is None else device))
+        model = model if resolve_dtype(dtype) is None else model.to(resolve_dtype(dtype))
+        return model, None, {"source": "tirex", "arch": "tirex", "path": str(path), "step": None, "train": {}}
     p = local_dir(path)
     if detect_format(p) != "openxlstm":
         return load_hf(p, dtype=dtype, device=device)

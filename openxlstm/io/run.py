@@ -147,7 +147,8 @@ def finish_checkpoint(run_dir, step: int, tmp: Path, model: torch.nn.Module, tok
     run_dir = Path(run_dir)
     name = checkpoint_name(step)
     description = model_description(model)
-    spec = ({"type": "none", "vocab_size": model.config.vocab_size} if tokenizer is None else tokenizer.spec())
+    spec = ({"type": "none", "vocab_size": getattr(model.config, "vocab_size", None)} if tokenizer is None
+            else tokenizer.spec())
     meta = {"format": FORMAT, **description, "tokenizer": spec, "step": step, "train": train_config or {},
             "weights": weights, **(extra or {})}
     try:
@@ -196,7 +197,8 @@ def save_model_dir(model: torch.nn.Module, directory, tokenizer=None, overwrite:
     check_writable_dir(target, overwrite)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     description = model_description(model)
-    spec = ({"type": "none", "vocab_size": model.config.vocab_size} if tokenizer is None else tokenizer.spec())
+    spec = ({"type": "none", "vocab_size": getattr(model.config, "vocab_size", None)} if tokenizer is None
+            else tokenizer.spec())
     meta = {"format": FORMAT, **description, "tokenizer": spec, "step": None, "train": {}, "weights": "safetensors"}
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

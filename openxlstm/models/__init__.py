@@ -5,10 +5,11 @@
     "transformer"  Llama-style Transformer baseline (``transformer.py``)
     "lstm"         classic multi-layer LSTM baseline (``lstm.py``)
     "reslstm"      LSTM cells in the xLSTM block structure (``reslstm.py``)
+    "tirex"        TiRex, the sLSTM time-series forecaster (``tirex.py``; trained with ``forecast-train``)
 
-Every model derives from ``LanguageModel`` (``base.py``) and takes the same forward signature, so training,
-checkpoints, generation and evaluation only see ``build_model(arch, config)`` and never need to know which
-architecture they handle. The experiments' names ("xlstm[1:1]", "lstm", ...) are aliases: see
+Every model derives from ``Model`` (``base.py``); the language models (``LANGUAGE_MODELS``: all but the
+forecaster) from ``LanguageModel``, with one forward signature, so training, checkpoints, generation and
+evaluation only see ``build_model(arch, config)`` and never need to know which architecture they handle. The experiments' names ("xlstm[1:1]", "lstm", ...) are aliases: see
 ``openxlstm.experiments.zoo``.
 """
 
@@ -17,9 +18,10 @@ from __future__ import annotations
 from typing import Optional, Union
 
 from ..errors import UserError
-from .base import LanguageModel
+from .base import LanguageModel, Model
 from .lstm import LSTMConfig, LSTMLM, sized_lstm_config
 from .reslstm import ResidualLSTMLM
+from .tirex import TiRex, TiRexConfig
 from .transformer import TransformerConfig, TransformerLM, sized_transformer_config
 from .xlstm import xLSTMConfig, xLSTMLM
 from .xlstm_large import xLSTMLargeConfig, xLSTMLargeLM
@@ -30,7 +32,9 @@ ARCHS = {
     "transformer": (TransformerConfig, TransformerLM),
     "lstm": (LSTMConfig, LSTMLM),
     "reslstm": (xLSTMConfig, ResidualLSTMLM),
+    "tirex": (TiRexConfig, TiRex),
 }
+LANGUAGE_MODELS = [name for name, (_, cls) in ARCHS.items() if issubclass(cls, LanguageModel)]
 
 
 def config_from_dict(arch: str, config: Union[dict, object]):
@@ -63,6 +67,8 @@ def default_config(arch: str, vocab_size: int, context_length: int, size: Option
         raise UserError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
     xl = xLSTMConfig(vocab_size=vocab_size, embedding_dim=128, num_blocks=4, slstm_at=[1], mlstm_num_heads=4,
                      slstm_num_heads=4, context_length=context_length)
+    if arch not in LANGUAGE_MODELS:
+        raise UserError(f"{arch} is a forecaster: train it with openxlstm forecast-train")
     if arch in ("xlstm", "xlstm-large", "reslstm") and size is not None:
         raise UserError(f"--size sizes the lstm and transformer baselines; give a {arch} model with --config")
     if arch in ("xlstm", "reslstm"):
@@ -85,4 +91,4 @@ def arch_of(model) -> str:
     raise TypeError(f"{type(model).__name__} is not a registered architecture")
 
 
-__all__ = ["ARCHS", "LanguageModel", "build_model", "config_from_dict", "default_config", "arch_of"]
+__all__ = ["ARCHS", "LANGUAGE_MODELS", "Model", "LanguageModel", "build_model", "config_from_dict", "default_config", "arch_of"]

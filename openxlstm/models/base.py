@@ -1,17 +1,19 @@
 """What every model of the registry shares, written once.
 
-``LanguageModel`` is an ``nn.Module`` with a config dataclass (``config_class``; ``to_dict``/``from_dict``)
-and the calling convention every model takes:
+``Model`` is an ``nn.Module`` with a config dataclass (``config_class``; ``to_dict``/``from_dict``): parameter
+groups (``no_weight_decay`` is the per-model rule), parameter count, run-time choices (kernels, activation
+checkpointing: on the instance, never in the config), ``save_pretrained`` / ``from_pretrained`` through
+``openxlstm.io``.
+
+``LanguageModel`` adds the calling convention every language model takes:
 
     model(input_ids (B, S), state=None, return_state=False, labels=None, return_logits=False,
           logits_to_keep=0, cu_seqlens=None)
 
 -> logits (B, S, V); (logits, state) with ``return_state``; with ``labels`` an ``LMOutput`` (loss, logits,
 state, num_tokens). ``state`` continues a sequence exactly and is never modified; ``cu_seqlens`` runs packed
-documents each as if alone. Subclasses implement ``forward``, ``init_state`` and ``get_input_embeddings``;
-they may refine ``no_weight_decay`` (which parameters AdamW leaves undecayed).
-
-Run-time choices (kernels, activation checkpointing) live on the instance, never in the config.
+documents each as if alone. Subclasses implement ``forward``, ``init_state`` and ``get_input_embeddings``.
+Forecasters (``tirex.py``) are Models with their own ``forward`` and ``forecast``.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from ..errors import UserError
 from ..ops.backends import Backends
 
 
-class LanguageModel(nn.Module):
-    """Base of every language model: parameter groups, parameter count, run-time choices, generation, and
-    saving / loading through ``openxlstm.io``."""
+class Model(nn.Module):
+    """Base of every registered model."""
 
     config_class: type = object
 
@@ -36,7 +38,6 @@ class LanguageModel(nn.Module):
         self.config = config
         self.backends = Backends()
         self.activation_checkpointing = False
-        self.tokenizer = None  # set by from_pretrained when the checkpoint has one; used by generate
 
     # run-time choices ------------------------------------------------------------------------------------
     def set_backends(self, mlstm: str = "auto", slstm: str = "auto", chunk_size: Optional[int] = None):
@@ -51,20 +52,11 @@ class LanguageModel(nn.Module):
         self.activation_checkpointing = bool(enabled)
         return self
 
-    # state ---------------------------------------------------------------------------------------------
-    def init_state(self, batch_size: int, device=None):
-        """The state of ``batch_size`` empty sequences (what ``state=None`` means), on ``device`` (default: the
-        weights')."""
-        raise NotImplementedError
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        raise NotImplementedError
-
     # optimizer -----------------------------------------------------------------------------------------
     def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
-        """True for the parameters AdamW does not decay: vectors (norms, biases, gains) and the input
-        embedding, as the reference splits them. Subclasses add their own (see xLSTMLM)."""
-        return param.dim() < 2 or param is self.get_input_embeddings().weight
+        """True for the parameters AdamW does not decay: vectors (norms, biases, gains). Subclasses add
+        their own (the input embedding of language models, the sLSTM recurrent matrices of xLSTM)."""
+        return param.dim() < 2
 
     def weight_decay_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(decay, no_decay) over the trainable parameters, each counted once (a tied head shares the
@@ -86,18 +78,10 @@ class LanguageModel(nn.Module):
         """Number of distinct parameters (a tied head counts once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
-    # generation and checkpoints ------------------------------------------------------------------------
-    def generate(self, prompt, tokenizer=None, **kwargs):
-        """Continue ``prompt``: prefill in one pass, then decode token by token with the recurrent state. The
-        tokenizer defaults to the model's own; see ``openxlstm.generation.generate`` for the arguments."""
-        from ..generation import generate
-
-        return generate(self, prompt, tokenizer if tokenizer is not None else self.tokenizer, **kwargs)
-
+    # checkpoints ---------------------------------------------------------------------------------------
     def save_pretrained(self, directory, overwrite: bool = False, **kwargs):
-        """Write the model (config, safetensors weights, tokenizer) into ``directory``, atomically; a non-empty
-        directory is replaced only with ``overwrite=True``. ``openxlstm.from_pretrained`` reads it back.
-        Returns the directory's path."""
+        """Write the model into ``directory`` in its own format, atomically; a non-empty directory is replaced
+        only with ``overwrite=True``. ``openxlstm.from_pretrained`` reads it back. Returns its path."""
         from ..io import save_pretrained
 
         return save_pretrained(self, directory, overwrite=overwrite, **kwargs)
@@ -109,9 +93,38 @@ class LanguageModel(nn.Module):
 
         model = from_pretrained(path, dtype=dtype, device=device, **kwargs)
         if not isinstance(model, cls):
-            raise TypeError(f"{path!r} holds a {type(model).__name__}, not a {cls.__name__}: use "
+            raise UserError(f"{str(path)!r} holds a {type(model).__name__}, not a {cls.__name__}: use "
                             f"openxlstm.from_pretrained to load any model")
         return model
+
+
+class LanguageModel(Model):
+    """Base of every language model: a Model with a state, an input embedding, a tokenizer and generation."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.tokenizer = None  # set by from_pretrained when the checkpoint has one; used by generate
+
+    # state ---------------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None):
+        """The state of ``batch_size`` empty sequences (what ``state=None`` means), on ``device`` (default: the
+        weights')."""
+        raise NotImplementedError
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        """Vectors and the input embedding, as the reference splits them."""
+        return param.dim() < 2 or param is self.get_input_embeddings().weight
+
+    # generation ----------------------------------------------------------------------------------------
+    def generate(self, prompt, tokenizer=None, **kwargs):
+        """Continue ``prompt``: prefill in one pass, then decode token by token with the recurrent state. The
+        tokenizer defaults to the model's own; see ``openxlstm.generation.generate`` for the arguments."""
+        from ..generation import generate
+
+        return generate(self, prompt, tokenizer if tokenizer is not None else self.tokenizer, **kwargs)
 
 
 def closest_width(count: Callable[[int], int], target: int, multiple: int, lo: int = 1, hi: int = 1 << 16) -> int:
@@ -128,4 +141,4 @@ def closest_width(count: Callable[[int], int], target: int, multiple: int, lo: i
     return multiple * min(candidates, key=lambda k: abs(count(k * multiple) - target))
 
 
-__all__ = ["LanguageModel", "closest_width"]
+__all__ = ["Model", "LanguageModel", "closest_width"]

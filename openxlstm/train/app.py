@@ -33,7 +33,7 @@ from ..io import load_pretrained
 from ..io.files import detect_format, write_error, write_text_atomic
 from ..io.hf import TOKENIZER
 from ..io.run import model_description, read_meta, resolve_checkpoint
-from ..models import ARCHS, arch_of, build_model, config_from_dict, default_config
+from ..models import LANGUAGE_MODELS, arch_of, build_model, config_from_dict, default_config
 from .distributed import (DistInfo, all_reduce_max, barrier, init_distributed, is_initialized, launched_by_torchrun,
                           shutdown)
 from .config import TrainConfig
@@ -50,8 +50,8 @@ class RunFinished(Exception):
 
 def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> dict:
     """The model config dict of a fresh run from --config / --preset / defaults, checked against the data."""
-    if cfg.arch not in ARCHS:
-        raise UserError(f"unknown --arch {cfg.arch!r}; choose one of {sorted(ARCHS)}")
+    if cfg.arch not in LANGUAGE_MODELS:
+        raise UserError(f"unknown --arch {cfg.arch!r}; choose one of {sorted(LANGUAGE_MODELS)}")
     if cfg.preset is not None:
         if cfg.arch != "xlstm":
             raise UserError("--preset names an xLSTM paper model; size baselines with --size instead")

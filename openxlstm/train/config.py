@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 from ..device import DEVICE_RE
 from ..errors import UserError
-from ..models import ARCHS
+from ..models import LANGUAGE_MODELS
 from ..options import BOOL, TEXT, int_range, number, one_of, option, optional, validate
 from .schedule import CosineSchedule
 
@@ -23,8 +23,9 @@ class TrainConfig:
     parameter byte-level xLSTM (4 blocks, sLSTM at block 1) trained for ~6 minutes on 2 CPU cores."""
 
     # model -----------------------------------------------------------------------------------------------
-    arch: str = option("xlstm", "architecture; xlstm-large: xLSTM-7B's architecture (small by default)",
-                       one_of(*ARCHS), choices=list(ARCHS), group="model")
+    arch: str = option("xlstm", "architecture; xlstm-large: xLSTM-7B's architecture (small by default); "
+                               "forecasters train with openxlstm forecast-train",
+                       one_of(*LANGUAGE_MODELS), choices=list(LANGUAGE_MODELS), group="model")
     model: Optional[dict] = option(
         None, "model config: a JSON file or inline JSON of the architecture's config fields (default: the "
               "architecture's default model)",

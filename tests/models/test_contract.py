@@ -1,5 +1,6 @@
-"""The contract every registered model keeps, checked over the whole registry: a new architecture added to
-``openxlstm.models.ARCHS`` (and its tiny config to ``tests/helpers.py``) is tested by adding nothing else.
+"""The contract every registered language model keeps, checked over the whole registry: a new architecture
+added to ``openxlstm.models.ARCHS`` (and its tiny config to ``tests/helpers.py``) is tested by adding nothing
+else. (The forecaster's contract is tests/forecasting.)
 
 Float64 models, so that "equal" means equal to rounding: prefill then steps equal one pass; a forward in
 chunks with the state carried equals one pass; packed documents equal each document alone; ``init_state``
@@ -16,9 +17,9 @@ from helpers import tiny_model
 from torch.utils._pytree import tree_leaves
 
 import openxlstm
-from openxlstm.models import ARCHS, arch_of
+from openxlstm.models import LANGUAGE_MODELS, arch_of
 
-ARCH_NAMES = sorted(ARCHS)
+ARCH_NAMES = sorted(LANGUAGE_MODELS)
 V = 64
 TOL = 1e-10
 
