@@ -32,7 +32,7 @@ import torch
 
 from ..errors import UserError
 from .data import Window, pack_windows
-from ..models.tirex import TiRex, TiRexConfig
+from ..models.tirex import TiRex
 
 
 @dataclass

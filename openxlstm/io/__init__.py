@@ -18,7 +18,9 @@ import torch
 
 from ..device import resolve_device, resolve_dtype
 from .files import detect_format, local_dir
-from .hf import load_hf
+from ..models.base import use_formats
+from ..models.xlstm_large import xLSTMLargeLM
+from .hf import load_hf, save_hf
 from .official import load_official, save_official
 from .run import load_model, save_model_dir
 from .tirex import is_tirex_checkpoint, load_tirex_checkpoint
@@ -59,11 +61,17 @@ def from_pretrained(path, dtype=None, device=None) -> torch.nn.Module:
 
 
 def save_pretrained(model: torch.nn.Module, directory, overwrite: bool = False, **kwargs) -> Path:
-    """Write ``model`` into ``directory`` in its own format (openxlstm models: config.json, model.safetensors
-    and the tokenizer; see ``run.save_model_dir``). Returns the directory's path."""
+    """Write ``model`` into ``directory`` in its own format: xLSTM-7B-style models in transformers' layout
+    (``hf.save_hf``, which takes ``max_shard_size``), every other model as an openxlstm model directory
+    (config.json, model.safetensors and the tokenizer; ``run.save_model_dir``). Returns the directory's path."""
+    if isinstance(model, xLSTMLargeLM):
+        return save_hf(model, directory, overwrite=overwrite, **kwargs)
     if kwargs:
         raise TypeError(f"save_pretrained: unexpected arguments {sorted(kwargs)}")
     return save_model_dir(model, directory, tokenizer=getattr(model, "tokenizer", None), overwrite=overwrite)
+
+
+use_formats(save=save_pretrained, load=from_pretrained)
 
 
 __all__ = ["from_pretrained", "load_pretrained", "save_pretrained", "load_official", "save_official", "detect_format"]

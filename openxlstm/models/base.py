@@ -26,6 +26,15 @@ from ..errors import UserError
 from ..ops.backends import Backends
 
 
+_FORMATS: dict = {}  # "save" and "load": filled by ``openxlstm.io``, which builds models (so models cannot import it)
+
+
+def use_formats(save: Callable, load: Callable) -> None:
+    """Called by ``openxlstm.io`` when it is imported (``import openxlstm`` imports it): the functions behind
+    ``save_pretrained`` and ``from_pretrained``."""
+    _FORMATS.update(save=save, load=load)
+
+
 class Model(nn.Module):
     """Base of every registered model."""
 
@@ -82,16 +91,12 @@ class Model(nn.Module):
     def save_pretrained(self, directory, overwrite: bool = False, **kwargs):
         """Write the model into ``directory`` in its own format, atomically; a non-empty directory is replaced
         only with ``overwrite=True``. ``openxlstm.from_pretrained`` reads it back. Returns its path."""
-        from ..io import save_pretrained
-
-        return save_pretrained(self, directory, overwrite=overwrite, **kwargs)
+        return _FORMATS["save"](self, directory, overwrite=overwrite, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, **kwargs):
         """The model saved in ``path`` (see ``openxlstm.from_pretrained``), checked to be a ``cls``."""
-        from ..io import from_pretrained
-
-        model = from_pretrained(path, dtype=dtype, device=device, **kwargs)
+        model = _FORMATS["load"](path, dtype=dtype, device=device, **kwargs)
         if not isinstance(model, cls):
             raise UserError(f"{str(path)!r} holds a {type(model).__name__}, not a {cls.__name__}: use "
                             f"openxlstm.from_pretrained to load any model")
@@ -141,4 +146,4 @@ def closest_width(count: Callable[[int], int], target: int, multiple: int, lo: i
     return multiple * min(candidates, key=lambda k: abs(count(k * multiple) - target))
 
 
-__all__ = ["Model", "LanguageModel", "closest_width"]
+__all__ = ["Model", "LanguageModel", "closest_width", "use_formats"]

@@ -303,7 +303,8 @@ class xLSTMLargeLM(LanguageModel):
     (logits, state), or with ``labels`` an ``LMOutput``. The state is one float32 ``mLSTMState`` (C, n, m)
     per block; passing it back continues the sequence exactly, and it is never modified.
 
-    Load checkpoints with ``openxlstm.from_pretrained``; ``save_pretrained`` writes transformers' format.
+    Load checkpoints with ``openxlstm.from_pretrained``; ``save_pretrained(directory, max_shard_size="5GB",
+    overwrite=False)`` writes transformers' format (``openxlstm.io.hf``), which transformers reads back.
     ``tokenizer`` is the checkpoint's tokenizer when it had one (used by ``generate``), else None.
     """
 
@@ -406,13 +407,6 @@ class xLSTMLargeLM(LanguageModel):
         loss = soft_capped_cross_entropy(hidden, self.lm_head.weight, labels, self.config.output_logit_soft_cap)
         return LMOutput(loss=loss, logits=self.logits(hidden) if return_logits else None,
                         state=new_state if return_state else None, num_tokens=(labels != IGNORE_INDEX).sum())
-
-    def save_pretrained(self, directory, max_shard_size: Union[int, str] = "5GB", overwrite: bool = False):
-        """Write a directory that ``transformers.xLSTMForCausalLM.from_pretrained`` loads (see
-        ``openxlstm.large.save.save_pretrained``). Returns its path."""
-        from ..io.hf import save_hf
-
-        return save_hf(self, directory, max_shard_size=max_shard_size, overwrite=overwrite)
 
 
 __all__ = ["xLSTMLargeConfig", "xLSTMLargeLM", "xLSTMLargeBlock", "mLSTMLargeLayer", "SwiGLU",

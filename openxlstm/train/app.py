@@ -22,7 +22,6 @@ from typing import Optional
 import torch
 
 from ..config import preset as xlstm_preset
-from ..config import xLSTMConfig
 from ..data import BatchSampler, load_data
 from ..data.dataset import TOKEN_FILE_SUFFIXES
 from ..data.tokenizer import HFTokenizer, load_tokenizer
@@ -34,7 +33,7 @@ from ..io.files import detect_format, write_error, write_text_atomic
 from ..io.hf import TOKENIZER
 from ..io.run import model_description, read_meta, resolve_checkpoint
 from ..models import LANGUAGE_MODELS, arch_of, build_model, config_from_dict, default_config
-from .distributed import (DistInfo, all_reduce_max, barrier, init_distributed, is_initialized, launched_by_torchrun,
+from .distributed import (all_reduce_max, barrier, init_distributed, is_initialized, launched_by_torchrun,
                           shutdown)
 from .config import TrainConfig
 from .engine import Engine, Preempted
