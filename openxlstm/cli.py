@@ -1,4 +1,5 @@
-"""The ``openxlstm`` command: ``train``, ``generate``, ``eval``, ``plot`` and ``experiment``.
+"""The ``openxlstm`` command: ``train``, ``generate``, ``eval`` (also lm-evaluation-harness tasks), ``plot``,
+``experiment``, ``forecast`` / ``forecast-train`` (time series) and ``serve`` (an OpenAI-compatible server).
 
 Every mistake in the input (an option out of range, a missing or corrupt checkpoint, empty data, a
 mismatched vocabulary, a run directory in use) ends with one line ``error: ...`` on stderr and exit status 2,
@@ -7,7 +8,7 @@ Every option's ``--help`` line says what it does and its default.
 
 ``generate`` and ``eval`` read a model with ``--checkpoint`` (an ``openxlstm train`` run) or ``--model`` (a
 pretrained model: transformers' ``xLSTMForCausalLM`` directory such as xLSTM-7B's, the authors'
-``xlstm_large`` layout, or a run too), both through ``openxlstm.train.checkpoint.load_pretrained``; ``train --init DIR``
+``xlstm_large`` layout, or a run too), both through ``openxlstm.io.load_pretrained``; ``train --init DIR``
 fine-tunes such a model.
 """
 
@@ -32,6 +33,7 @@ from .errors import UserError
 from .evaluate import evaluate_contexts, format_table
 from .experiments import cli as experiments_cli
 from .forecasting import cli as forecasting_cli
+from .serving import cli as serving_cli
 from .generation import generate
 from .models import LanguageModel
 from .device import DEVICE_RE, resolve_device
@@ -179,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plot_parser(sub)
     experiments_cli.add_parser(sub)
     forecasting_cli.add_parser(sub)
+    serving_cli.add_parser(sub)
     return parser
 
 
@@ -394,7 +397,7 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot,
-            "experiment": experiments_cli.run, "forecast": forecasting_cli.run, "forecast-train": forecasting_cli.run}
+            "experiment": experiments_cli.run, "forecast": forecasting_cli.run, "forecast-train": forecasting_cli.run, "serve": serving_cli.run}
 
 
 def main(argv=None) -> int:

@@ -41,7 +41,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..device import resolve_device
 from ..errors import UserError
+from ..options import add_options, arg_type, int_range
+from ..train.config import TrainConfig
 
 LEVELS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 METHODS = ("seasonal naive", "ETS", "Theta", "TiRex zero-shot", "TiRex fine-tuned")
@@ -512,34 +515,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
                    help="smoke: seconds (CI); cpu: the documented run, about half an hour on 2 cores")
     p.add_argument("--out", default="runs/forecasting", help="output folder (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data, the model and the windows")
-    p.add_argument("--device", default="cpu", help="where to train: cpu (the default), cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s: on a shared "
-                                                        "CPU more threads spin and slow every step down)")
+    p.add_argument("--seed", type=arg_type(int_range(0, 2**63 - 1), int), default=0,
+                   help="seed of the synthetic data, the model and the windows (default: %(default)s)")
+    p.add_argument("--threads", type=arg_type(int_range(1), int), default=1,
+                   help="torch CPU threads (default: %(default)s: on a shared CPU more threads spin and slow every "
+                        "step down)")
+    add_options(p, TrainConfig, names=("device",))
     return p
 
 
 def run(args) -> int:
-    run_forecasting(SCALES[args.scale], args.out, seed=args.seed, device=args.device, threads=args.threads)
+    device = str(resolve_device(args.device or TrainConfig.device))
+    run_forecasting(SCALES[args.scale], args.out, seed=args.seed, device=device, threads=args.threads)
     return 0
-
-
-def main(argv=None) -> int:
-    """``python -m openxlstm.experiments.forecasting --scale smoke``."""
-    parser = argparse.ArgumentParser(prog="openxlstm experiment")
-    add_parser(parser.add_subparsers(dest="experiment", required=True))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "forecasting":
-        argv = ["forecasting"] + argv
-    try:
-        return run(parser.parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 __all__ = ["SCALES", "ForecastScale", "run_forecasting", "kernel_synth", "mixtures", "real_datasets",

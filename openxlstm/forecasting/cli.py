@@ -15,36 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from ..device import resolve_device
 from ..errors import UserError
+from ..options import arg_type, int_range
 from .data import LAYOUTS, forecast_rows, read_series, write_table
 
 ROLLOUT_HELP = ("window: TiRex's rollout, the whole window again per new patch; state: the window once, then "
                 "one sLSTM step per new patch (faster for long horizons, see docs/forecasting.md)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+_positive_int = arg_type(int_range(1), int)
+_number = arg_type(((lambda v: math.isfinite(v)), "a finite number"), float)
 
 
 def _levels(text: str) -> list[float]:
@@ -132,19 +117,7 @@ def add_parser(subparsers) -> None:
 
 # -- forecast ----------------------------------------------------------------------------------------------
 def _device(text: str):
-    import torch
-
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise UserError(f"--device {text!r}: expected cpu, cuda, cuda:N or auto") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {text!r}: expected cpu, cuda, cuda:N or auto")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {text}: CUDA is not available on this machine")
-    return dev
+    return resolve_device(text)
 
 
 def cmd_forecast(args) -> int:
@@ -302,24 +275,3 @@ COMMANDS = {"forecast": cmd_forecast, "forecast-train": cmd_forecast_train}
 def run(args) -> int:
     """Run the command ``args.command`` ("forecast" or "forecast-train") parsed by ``add_parser``'s parsers."""
     return COMMANDS[args.command](args)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
-def main(argv=None) -> int:
-    """The two commands alone: ``python -m openxlstm.forecasting.cli forecast ...``."""
-    parser = _Parser(prog="openxlstm")
-    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
-    try:
-        args = parser.parse_args(argv)
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

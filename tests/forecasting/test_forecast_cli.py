@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers_forecasting import build_tirex, save_tirex, tirex_float32
 
-from openxlstm.forecasting.cli import main
+from openxlstm.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +100,7 @@ def test_train_then_forecast_round_trip(tmp_path, data, capsys):
     (["forecast", "--model", "{tmp}/none", "--data", "{data}", "--horizon", "3", "--out", "{tmp}/o.csv"],
      "does not exist"),
     (["forecast", "--model", "{ckpt}", "--data", "{data}", "--horizon", "0", "--out", "{tmp}/o.csv"],
-     "argument --horizon: expected a positive integer"),
+     "argument --horizon: expected an integer >= 1"),
     (["forecast", "--model", "{ckpt}", "--data", "{data}", "--horizon", "3", "--out", "{data}"],
      "exists; add --overwrite"),
     (["forecast", "--model", "{ckpt}", "--data", "{data}", "--horizon", "3", "--out", "{tmp}/o.csv",
@@ -124,7 +124,7 @@ def test_user_errors_are_one_line(tmp_path, data, capsys, argv, message):
 def test_module_runs_as_a_command(tmp_path, data):
     theirs, hp = build_tirex()
     ckpt = save_tirex(tmp_path / "model.ckpt", theirs, hp)
-    r = subprocess.run([sys.executable, "-m", "openxlstm.forecasting.cli", "forecast", "--model", str(tmp_path),
+    r = subprocess.run([sys.executable, "-m", "openxlstm", "forecast", "--model", str(tmp_path),
                         "--data", str(data), "--horizon", "4", "--out", str(tmp_path / "f.csv")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
