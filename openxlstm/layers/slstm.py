@@ -1,4 +1,4 @@
-"""The sLSTM layer (spec §2.3): conv on the i/f path, headwise gate projections, sLSTM cell, head norm."""
+"""The sLSTM layer of the sLSTM block: conv on the i/f path, headwise gate projections, sLSTM cell, head norm."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""xLSTM-7B ("xLSTM Large", spec §4): an mLSTM-only language model of post-up residual blocks, the
+"""xLSTM-7B ("xLSTM Large"): an mLSTM-only language model of post-up residual blocks, the
 architecture of the checkpoints published with Hugging Face ``transformers`` (``xLSTMForCausalLM``) and of
 the authors' ``xlstm_large``.
 

@@ -79,8 +79,8 @@ def test_slstm_layer_decodes_without_the_sequence_op(monkeypatch):
 
 
 class HostReads(TorchFunctionMode):
-    """Counts the calls that read a tensor's value into Python or build a tensor from Python data (as
-    ../shared/tools/decode_overhead.py does): each is a device sync on a GPU."""
+    """Counts the calls that read a tensor's value into Python or build a tensor from Python data: each is a
+    device sync on a GPU."""
 
     NAMES = {"item", "__int__", "__bool__", "__float__", "__index__", "tolist", "cpu", "numpy", "nonzero"}
 

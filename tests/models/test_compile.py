@@ -1,7 +1,5 @@
 """torch.compile(fullgraph=True) traces forward + loss + backward of whole models without a graph break, and
 the compiled gradients equal the eager ones (CPU, aot_eager: the same graphs inductor would receive).
-
-The shared tool ``graph_breaks.py`` measures the same on a larger model; this test keeps CI from losing it.
 """
 
 import pytest

@@ -1,4 +1,4 @@
-"""Reliability (issue 14): every bad input a one-line error, runs never clobbered, resumes and checkpoints that
+"""Reliability: every bad input a one-line error, runs never clobbered, resumes and checkpoints that
 always work, results files that never count a broken row. Fast: tiny models, a few steps, in-process calls."""
 
 import argparse
