@@ -1,5 +1,6 @@
 """The ``openxlstm`` command: ``train``, ``generate``, ``eval`` (also lm-evaluation-harness tasks), ``plot``,
-``experiment``, ``forecast`` / ``forecast-train`` (time series) and ``serve`` (an OpenAI-compatible server).
+``experiment``, ``export onnx``, ``forecast`` / ``forecast-train`` (time series) and ``serve`` (an
+OpenAI-compatible server).
 
 Every mistake in the input (an option out of range, a missing or corrupt checkpoint, empty data, a
 mismatched vocabulary, a run directory in use) ends with one line ``error: ...`` on stderr and exit status 2,
@@ -162,6 +163,17 @@ def _eval_parser(sub) -> None:
     p.add_argument("--device", type=arg_type(_DEVICE), default="cpu", help="cpu, cuda, cuda:N or auto")
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a model for other runtimes (onnx: prefill.onnx and step.onnx)")
+    fmt = p.add_subparsers(dest="format", required=True)
+    o = fmt.add_parser("onnx", help="prefill.onnx (input_ids (B, S) -> logits, state) and step.onnx (a token and the "
+                                    "state -> logits, state), batch and length dynamic; needs "
+                                    "pip install 'openxlstm[onnx]'")
+    _model_args(o)
+    o.add_argument("--out", required=True, help="output directory, new or empty (no default)")
+    o.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (default: refuse)")
+
+
 def _plot_parser(sub) -> None:
     p = sub.add_parser("plot", help="plot the loss curves of one or more runs into an image")
     p.add_argument("runs", nargs="+", help="run directories (holding metrics.csv)")
@@ -178,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _gen_parser(sub)
     _eval_parser(sub)
     add_harness_arguments(sub.choices["eval"])
+    _export_parser(sub)
     _plot_parser(sub)
     experiments_cli.add_parser(sub)
     forecasting_cli.add_parser(sub)
@@ -373,6 +386,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .integrations.onnx import export_onnx
+
+    path = args.checkpoint if args.checkpoint is not None else args.model
+    model, _, _ = _load(argparse.Namespace(checkpoint=args.checkpoint, model=args.model, dtype="float32", device="cpu"))
+    out = export_onnx(model, args.out, overwrite=args.overwrite)
+    print(f"{out}: prefill.onnx, step.onnx, onnx.json (from {path})")
+    return 0
+
+
 def cmd_plot(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in PLOT_FORMATS:
@@ -396,8 +419,9 @@ def cmd_plot(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot,
-            "experiment": experiments_cli.run, "forecast": forecasting_cli.run, "forecast-train": forecasting_cli.run, "serve": serving_cli.run}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "plot": cmd_plot,
+            "experiment": experiments_cli.run, "forecast": forecasting_cli.run, "forecast-train": forecasting_cli.run,
+            "serve": serving_cli.run}
 
 
 def main(argv=None) -> int:
