@@ -40,13 +40,12 @@ FILES = ("prefill.onnx", "step.onnx", "onnx.json")
 
 
 def _require():
+    """The onnx module; torch.onnx's exporter needs onnxscript too."""
     try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401  (torch.onnx's exporter)
+        import onnx
+        import onnxscript  # noqa: F401
     except ImportError as e:
         raise UserError(f"ONNX export needs {e.name}: {INSTALL}") from None
-    import onnx
-
     return onnx
 
 
