@@ -10,6 +10,7 @@ import pytest
 
 from helpers import TINY, tiny_args
 from openxlstm.cli import main
+from openxlstm.models import LANGUAGE_MODELS
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +18,19 @@ def run(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "xlstm"
     assert main(tiny_args("xlstm", corpus, out, extra=["--samples", "1", "--sample-tokens", "8"])) == 0
     return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(LANGUAGE_MODELS))
+def test_every_architecture_trains_generates_and_evaluates(arch, corpus, tmp_path, capsys):
+    """Every name ``train --arch`` offers: two steps from the command line, then generate and eval of the run."""
+    out = tmp_path / arch
+    assert main(tiny_args(arch, corpus, out, steps=2)) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "def ", "--max-new-tokens", "6", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert main(["eval", "--checkpoint", str(out), "--context", "16", "--max-tokens", "128"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[0] == "16"
 
 
 def test_train_writes_everything(run, capsys):
