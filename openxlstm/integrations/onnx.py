@@ -12,6 +12,11 @@ in PyTorch (the chunkwise mLSTM's cummax and the fused sLSTM op have no ONNX cou
 The state tensors are the leaves of the model's state in ``torch.utils._pytree`` order; ``export_onnx``
 writes their names, shapes and batch dimensions into ``onnx.json`` beside the two files. Models whose state
 grows with the text (the Transformer baseline's KV cache) are refused.
+
+The forecaster (TiRex) gives ``forecast.onnx``: a window of ``train_ctx_len`` values (B, L) float32, NaN for
+missing ones (left-padded with NaN when the history is shorter) -> the quantiles of the next patch
+(B, Q, P), with the sLSTM recurrence unrolled over the window's patches; ``OnnxForecaster`` rolls it out
+over longer horizons as TiRex does (a missing patch appended per predicted patch, the window sliding).
 """
 
 from __future__ import annotations
@@ -90,15 +95,19 @@ def _export_step(model: LanguageModel, path: Path, spec, present, meta) -> None:
     batch = torch.export.Dim("batch", min=1)
     shapes = ({0: batch}, tuple({m["batch_dim"]: batch} for m in meta))
     names = [f"state_{j}" for j in range(len(meta))]
+    _quiet_export(step, (tok, *leaves), shapes, ["input_ids", *names], ["logits", *(f"new_{n}" for n in names)], path)
+
+
+def _quiet_export(module: nn.Module, args: tuple, shapes, input_names, output_names, path: Path) -> None:
+    """torch.onnx.export (its exporter, dynamic shapes ``shapes``) without its progress lines and notes."""
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the exporter's notes on missing torchvision ops
     try:
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # its progress
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(step, (tok, *leaves), dynamo=True, dynamic_shapes=shapes, verbose=False,
-                                        input_names=["input_ids", *names],
-                                        output_names=["logits", *(f"new_{n}" for n in names)])
+            program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes, verbose=False,
+                                        input_names=input_names, output_names=output_names)
     finally:
         quiet.setLevel(level)
     program.save(str(path), external_data=False)
@@ -193,18 +202,67 @@ def _prefill_from_step(onnx, step, meta: list[dict]):
     return model
 
 
+class _NextPatch(nn.Module):
+    """The forecaster on one full window: values (B, L) -> quantiles of the next patch (B, Q, P)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        from ..models.tirex import scale_stats, tokenize
+
+        loc, scale = scale_stats(window)
+        pred, _ = self.model.forward_tokens(tokenize((window - loc) / scale, self.model.config.patch_size), None,
+                                            None, keep_last=1)
+        return pred[:, -1].float() * scale[:, :, None] + loc[:, :, None]
+
+
+def _export_forecaster(model, target: Path, overwrite: bool) -> Path:
+    check_writable_dir(target, overwrite)
+    backend = model.slstm_backend
+    model.set_backends(slstm="recurrent")  # plain ops, unrolled over the window's patches
+    cfg = model.config
+    window = torch.zeros(2, cfg.train_ctx_len)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _quiet_export(_NextPatch(model), (window,), ({0: torch.export.Dim("batch", min=1)},), ["context"],
+                      ["quantiles"], tmp / "forecast.onnx")
+        info = {"arch": "tirex", "context": cfg.train_ctx_len, "patch_size": cfg.patch_size,
+                "quantiles": list(cfg.quantiles), "inputs": {"forecast": ["context"]},
+                "outputs": {"forecast": ["quantiles"]}}
+        (tmp / "onnx.json").write_text(json.dumps(info, indent=2) + "\n")
+        replace_dir(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, f"the ONNX files into {str(target)!r}") or e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.set_backends(slstm=backend)
+    return target
+
+
 def export_onnx(model: LanguageModel, out_dir, overwrite: bool = False) -> Path:
     """Write ``prefill.onnx``, ``step.onnx`` and ``onnx.json`` (the state's layout) for ``model`` into
     ``out_dir`` (a new or empty directory, or replaced with ``overwrite``), atomically, in float32 (the caller's
     model is not changed). The files hold the weights inline: models up to 2 GB (protobuf's limit). Returns the
     directory."""
     onnx = _require()
-    if not isinstance(model, LanguageModel):
-        raise UserError(f"ONNX export takes the language models; got a {type(model).__name__}")
+    from ..models.tirex import TiRex
+
+    if not isinstance(model, (LanguageModel, TiRex)):
+        raise UserError(f"ONNX export takes the language models and the forecaster; got a {type(model).__name__}")
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = copy.deepcopy(model).float()  # the caller's model keeps its dtype
     was_training = model.training
     try:
+        if isinstance(model, TiRex):
+            return _export_forecaster(model.eval(), Path(out_dir).expanduser(), overwrite)
         return _export(onnx, model.eval(), Path(out_dir).expanduser(), overwrite)
     finally:
         model.train(was_training)
@@ -278,4 +336,37 @@ class OnnxLM:
         return np.stack(out, 1).tolist() if out else [[] for _ in range(ids.shape[0])]
 
 
-__all__ = ["export_onnx", "state_layout", "OnnxLM", "FILES"]
+class OnnxForecaster:
+    """forecast.onnx run with onnxruntime: ``forecast(context (B, L) or a list of series, prediction_length)``
+    -> (quantiles (B, H, Q), mean (B, H)) numpy arrays, TiRex's rollout: each window the last
+    ``context`` values, left-padded with NaN; a missing patch appended per predicted patch."""
+
+    def __init__(self, directory, providers: Optional[list] = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError(f"running ONNX files needs onnxruntime: {INSTALL}") from None
+        d = Path(directory)
+        self.info = json.loads((d / "onnx.json").read_text())
+        self._session = ort.InferenceSession(str(d / "forecast.onnx"), providers=providers or ["CPUExecutionProvider"])
+
+    def forecast(self, context, prediction_length: Optional[int] = None):
+        import numpy as np
+
+        L, P = self.info["context"], self.info["patch_size"]
+        rows = [np.asarray(c, dtype=np.float32).ravel() for c in (context if isinstance(context, list) else
+                                                                 np.atleast_2d(np.asarray(context, np.float32)))]
+        values = np.full((len(rows), max(L, max(len(r) for r in rows))), np.nan, dtype=np.float32)
+        for b, r in enumerate(rows):
+            values[b, values.shape[1] - len(r):] = r
+        H = P if prediction_length is None else prediction_length
+        preds = []
+        for _ in range(-(-H // P)):
+            q = self._session.run(None, {"context": values[:, -L:]})[0]  # (B, Q, P)
+            preds.append(q)
+            values = np.concatenate([values, np.full((values.shape[0], P), np.nan, np.float32)], axis=1)
+        q = np.concatenate(preds, axis=-1)[:, :, :H].transpose(0, 2, 1)  # (B, H, Q)
+        return q, q[:, :, self.info["quantiles"].index(0.5)]
+
+
+__all__ = ["export_onnx", "state_layout", "OnnxLM", "OnnxForecaster", "FILES"]

@@ -12,7 +12,8 @@ from helpers import one_line_error, tiny_args, tiny_model
 import openxlstm
 from openxlstm.cli import main
 from openxlstm.errors import UserError
-from openxlstm.integrations.onnx import OnnxLM, export_onnx
+from openxlstm.integrations.onnx import OnnxForecaster, OnnxLM, export_onnx
+from openxlstm.models.tirex import TiRex, TiRexConfig
 
 pytest.importorskip("onnxruntime")
 RECURRENT = ["xlstm", "xlstm-large", "lstm", "reslstm"]
@@ -44,13 +45,26 @@ def test_onnx_files_equal_the_model(arch, tmp_path):
     assert info["arch"] == arch and len(info["state"]) == len(leaves)
 
 
-def test_growing_state_and_forecasters_are_refused_and_the_model_is_left_as_it_was(tmp_path):
+def test_forecaster_onnx_equals_forecast(tmp_path):
+    """forecast.onnx (one window -> the next patch's quantiles) rolled out by OnnxForecaster equals TiRex's
+    own window rollout, with missing values, a shorter series and a horizon of several patches."""
+    torch.manual_seed(0)
+    model = TiRex(TiRexConfig(patch_size=8, embedding_dim=32, num_heads=2, num_blocks=1, input_ff_dim=32,
+                              train_ctx_len=32)).eval()
+    out = export_onnx(model, tmp_path / "f")
+    series = [np.sin(np.arange(40) / 3.0).astype(np.float32), np.cos(np.arange(32) / 5.0).astype(np.float32) + 2]
+    series[0][5:9] = np.nan
+    q, mean = OnnxForecaster(out).forecast(series, prediction_length=20)
+    want_q, want_mean = model.forecast([torch.from_numpy(s) for s in series], prediction_length=20)
+    assert q.shape == (2, 20, 9) and rel(q, want_q) <= 1e-5 and rel(mean, want_mean) <= 1e-5
+
+
+def test_growing_states_and_other_modules_are_refused_and_the_model_is_left_as_it_was(tmp_path):
     with pytest.raises(UserError, match="grows with the text"):
         export_onnx(tiny_model("transformer"), tmp_path / "t")
     assert not (tmp_path / "t").exists()
-    from openxlstm.models.tirex import TiRex, preset
-    with pytest.raises(UserError, match="takes the language models"):
-        export_onnx(TiRex(preset("tiny")), tmp_path / "f")
+    with pytest.raises(UserError, match="takes the language models and the forecaster"):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "f")
     model = tiny_model("lstm").bfloat16().train()
     export_onnx(model, tmp_path / "l")
     assert model.training and next(model.parameters()).dtype == torch.bfloat16
